@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (main experiment) and `make test` (test suite).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+LMC := $(PYTHON) -m lmc_lightning
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO := runs/demo
+
+.PHONY: install data demo test
+
+install:
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[dev]"
+
+# Real Fashion-MNIST, offline, from Debian's package (needs root; skipped when already there).
+data:
+	@test -f $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || (echo "Install Fashion-MNIST: apt-get install dataset-fashion-mnist (as root)"; exit 1)
+
+# Two Fashion-MNIST MLP endpoints from different seeds, then the loss/accuracy barrier between them.
+demo: install data
+	$(LMC) fit --config configs/experiments/fmnist_demo.yaml --model.seed 0 --data.seed 0 \
+	  --trainer.logger.init_args.version seed0
+	$(LMC) fit --config configs/experiments/fmnist_demo.yaml --model.seed 1 --data.seed 1 \
+	  --trainer.logger.init_args.version seed1
+	$(LMC) test --config configs/experiments/fmnist_demo_barrier.yaml
+	@$(PYTHON) -c "import json; r = json.load(open('$(DEMO)/barrier/path.json')); \
+	  print(f\"loss barrier {r['loss_barrier']:.4f}, accuracy barrier {r['accuracy_barrier']:.4f}; \
+	  plot: $(DEMO)/barrier/path.png\")"
+
+test: install data
+	$(PYTHON) -m pytest -q

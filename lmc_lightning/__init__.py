@@ -1,0 +1,39 @@
+"""lmc_lightning: train modes, connect them in weight space, measure what lies in between.
+
+The top-level names are imported lazily so that ``import lmc_lightning`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "get_net": "lmc_lightning.nets",
+    "load_net": "lmc_lightning.checkpoint",
+    "load_weights": "lmc_lightning.checkpoint",
+    "evaluate_path": "lmc_lightning.weights.evaluate",
+    "PathResult": "lmc_lightning.weights.result",
+    "align": "lmc_lightning.weights.permutation",
+    "Linear": "lmc_lightning.weights.paths",
+    "Arc": "lmc_lightning.weights.paths",
+    "Bezier": "lmc_lightning.weights.curves",
+    "PolyChain": "lmc_lightning.weights.curves",
+    "BezierSurface": "lmc_lightning.weights.curves",
+    "EndpointModule": "lmc_lightning.modules",
+    "InterpolationModule": "lmc_lightning.modules",
+    "PairModule": "lmc_lightning.modules",
+    "CurveModule": "lmc_lightning.modules",
+    "SurfaceModule": "lmc_lightning.modules",
+    "main": "lmc_lightning.cli",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmc_lightning' has no attribute '{name}'")

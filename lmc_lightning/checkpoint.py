@@ -1,0 +1,107 @@
+"""Loading endpoint networks from Lightning checkpoints or plain state dicts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmc_lightning.nets import get_net
+
+NetSpec = dict[str, Any]
+
+
+def _read(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}. Train one with `lmc fit` or pass an existing file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt / foreign pickles
+        raise ValueError(
+            f"Could not read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            "Expected a Lightning .ckpt written by lmc_lightning or a torch.save'd state dict of tensors."
+        ) from err
+
+
+def load_weights(path: str | os.PathLike, prefix: str = "net") -> tuple[dict[str, Tensor], NetSpec | None]:
+    """Read the network weights stored in a checkpoint.
+
+    Args:
+        path: A Lightning ``.ckpt`` of an lmc_lightning module, or a plain state dict file.
+        prefix: Submodule holding the network inside a Lightning checkpoint (``"net"``; ``"net_a"``/``"net_b"`` for
+            a ``PairModule``).
+
+    Returns:
+        The state dict and the net spec (``{"name": ..., "num_classes": ..., ...}``), None for a plain state dict.
+
+    Raises:
+        ValueError: The file is not a checkpoint, or holds no weights under ``prefix``.
+    """
+    obj = _read(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or Lightning checkpoint.")
+    if "state_dict" not in obj:
+        if not all(isinstance(v, Tensor) for v in obj.values()):
+            raise ValueError(f"{path} is neither a Lightning checkpoint nor a state dict of tensors.")
+        return dict(obj), None
+    head = prefix.rstrip(".") + "."
+    state = {k[len(head):]: v for k, v in obj["state_dict"].items() if k.startswith(head)}
+    if not state:
+        found = sorted({k.split(".")[0] for k in obj["state_dict"]})
+        raise ValueError(f"{path} has no weights under '{prefix}'; its top-level modules are {found}.")
+    hp = obj.get("hyper_parameters", {})
+    spec = None
+    if isinstance(hp.get("net"), str):
+        shape = hp.get("input_shape", (3, 32, 32))
+        spec = {"name": hp["net"], "num_classes": hp.get("num_classes", 10), "in_channels": shape[0],
+                "input_size": shape[1], **(hp.get("net_kwargs") or {})}
+    return state, spec
+
+
+def check_state_matches(net: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise a ValueError naming the first tensor whose name or shape differs between ``net`` and ``state``."""
+    expected = net.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise ValueError(f"{source} lacks tensor '{key}' (shape {tuple(value.shape)}) that the architecture has; "
+                             "pick the net name and arguments the checkpoint was trained with.")
+        if state[key].shape != value.shape:
+            raise ValueError(f"{source} does not match the architecture at '{key}': checkpoint shape "
+                             f"{tuple(state[key].shape)}, architecture shape {tuple(value.shape)}. "
+                             "Pick the net name and arguments (width, depth, classes) it was trained with.")
+    for key in state:
+        if key not in expected:
+            raise ValueError(f"{source} has tensor '{key}' that the architecture lacks; "
+                             "pick the net name and arguments the checkpoint was trained with.")
+
+
+def load_net(path: str | os.PathLike, net: str | None = None, prefix: str = "net", **net_kwargs: Any) -> nn.Module:
+    """Load a trained network as a plain ``nn.Module`` in eval mode.
+
+    Args:
+        path: An ``EndpointModule`` ``.ckpt`` (architecture read from it) or a plain state dict file.
+        net: Registry name; required for a plain state dict, overrides the checkpoint's otherwise.
+        prefix: Submodule name inside a Lightning checkpoint.
+        **net_kwargs: Architecture arguments (``num_classes``, ``in_channels``, ``input_size``, ``width``, ...),
+            overriding those stored in the checkpoint.
+
+    Raises:
+        ValueError: Unreadable file, unknown architecture, or a tensor mismatch (named, with both shapes).
+    """
+    state, spec = load_weights(path, prefix)
+    if net is None and spec is None:
+        raise ValueError(f"{path} is a plain state dict: pass the architecture, e.g. load_net(path, net='mlp', ...).")
+    spec = dict(spec or {})
+    if net is not None:
+        spec["name"] = net
+    spec.update(net_kwargs)
+    name = spec.pop("name")
+    module = get_net(name, **spec)
+    check_state_matches(module, state, source=str(path))
+    module.load_state_dict(state)
+    return module.eval()

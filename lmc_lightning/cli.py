@@ -1,0 +1,57 @@
+"""The ``lmc`` command: LightningCLI over every lmc_lightning module and datamodule."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
+import lmc_lightning.callbacks  # noqa: F401
+import lmc_lightning.modules  # noqa: F401
+from lmc_lightning.data import BaseDataModule
+from lmc_lightning.modules.base import LMCModule
+
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+
+
+def _check_logger(logger: Any) -> None:
+    """Fail early, with the fix, when the wandb logger is chosen but wandb is not installed."""
+    loggers = logger if isinstance(logger, list) else [logger]
+    for item in loggers:
+        path = str(item.get("class_path", "") if hasattr(item, "get") else item)
+        if "Wandb" in path and importlib.util.find_spec("wandb") is None:
+            raise SystemExit("WandbLogger was selected but wandb is not installed: "
+                             "pip install 'lmc_lightning[wandb]' (or choose CSVLogger/TensorBoardLogger).")
+
+
+class LMCLightningCLI(LightningCLI):
+    """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link data properties to model arguments."""
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Validate the logger choice before anything heavy is built."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer", {}) or {}
+        logger = trainer.get("logger")
+        if logger not in (None, True, False):
+            _check_logger(logger)
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run ``lmc fit|validate|test|predict``; ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks)."""
+    return LMCLightningCLI(
+        LMCModule,
+        BaseDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        trainer_defaults={"logger": DEFAULT_LOGGER},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,223 @@
+"""Base LightningDataModule for in-memory image classification datasets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler, TensorBatchDataset
+from lmc_lightning.data.transforms import BatchTransform
+
+SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+
+
+class BaseDataModule(LightningDataModule):
+    """A classification dataset held in memory as tensors, served by one loader factory.
+
+    Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` (and ``crop_padding``) and implement
+    :meth:`_load` (read from disk) and, if they can, :meth:`_download`. ``prepare_data`` only downloads;
+    ``setup`` loads, holds out the validation split and picks the training subset.
+
+    Args:
+        root: Folder holding the dataset files (or where to download them).
+        batch_size: Training batch size (per process under DDP).
+        eval_batch_size: Validation/test batch size; ``None``: ``batch_size``.
+        num_workers: DataLoader worker processes (ignored when ``device_resident``).
+        val_split: Held out from the training set with ``seed``: a fraction in (0, 1) or a count >= 1; 0: none
+            (then validation is skipped).
+        train_subset: Keep only this many of the remaining training samples; ``None``: all.
+        subset_mode: ``"first"``: the first ``train_subset`` in file order; ``"random"``: a seeded random choice.
+        augment: Random crop (zero padding ``crop_padding``) and horizontal flip on training batches.
+        normalize: Standardise each channel with the dataset's ``mean``/``std``; otherwise floats in [0, 1].
+        download: Let ``prepare_data`` download the dataset when it is not found.
+        seed: Seed of the validation hold-out, random subset, shuffling and augmentation.
+        device_resident: Move the whole dataset to the training device once and make batches there.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_split: int | float = 0,
+        train_subset: int | None = None,
+        subset_mode: Literal["first", "random"] = "first",
+        augment: bool = False,
+        normalize: bool = True,
+        download: bool = False,
+        seed: int = 0,
+        device_resident: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if val_split < 0 or (val_split >= 1 and val_split != int(val_split)):
+            raise ValueError(f"val_split must be a fraction in [0, 1) or a whole count >= 1, got {val_split}")
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"train_subset must be >= 1 or None, got {train_subset}")
+        if subset_mode not in ("first", "random"):
+            raise ValueError(f"subset_mode must be 'first' or 'random', got {subset_mode!r}")
+        self.save_hyperparameters()
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.train_subset = train_subset
+        self.subset_mode = subset_mode
+        self.augment = augment
+        self.normalize = normalize
+        self.download = download
+        self.seed = seed
+        self.device_resident = device_resident
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._resident: dict[str, tuple[Tensor, Tensor]] = {}
+
+    # Subclass hooks -------------------------------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Read ``{"train": (x, y), "test": (x, y)}``: images ``[N, *input_shape]`` uint8 (or float in [0, 1]),
+        labels ``[N]`` int64.
+
+        Raises:
+            FileNotFoundError: Naming the expected path(s) and how to obtain the data.
+        """
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        """Download the dataset into ``root`` unless it is already there."""
+        raise NotImplementedError(f"{type(self).__name__} cannot download its data; place the files in {self.root}")
+
+    # Lightning hooks ------------------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download the dataset when ``download=True`` (runs on one process per node)."""
+        if self.download:
+            self._download()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data once, hold out ``val_split`` and pick ``train_subset``."""
+        if self._splits:
+            return
+        raw = self._load()
+        for split, (x, y) in raw.items():
+            self._check(split, x, y)
+        x, y = raw["train"]
+        train_idx, val_idx = self._split_indices(len(x))
+        self._splits = {
+            "train": (x, y) if train_idx is None else (x[train_idx], y[train_idx]),
+            "val": (x[val_idx], y[val_idx]),
+            "test": raw["test"],
+        }
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Free the device copies (host tensors stay for a later stage)."""
+        self._resident.clear()
+
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._dataloader_factory("train")
+
+    def val_dataloader(self) -> DataLoader | DeviceLoader | list:
+        # An empty list tells Lightning there is nothing to validate.
+        return self._dataloader_factory("val") if len(self._get("val")[0]) else []
+
+    def test_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._dataloader_factory("test")
+
+    def predict_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._dataloader_factory("test")
+
+    # Public helpers -------------------------------------------------------------------------------------------------
+
+    def split_tensors(self, split: Split) -> tuple[Tensor, Tensor]:
+        """A whole split as model-ready CPU tensors: normalised float images (no augmentation) and int64 labels.
+
+        Raises:
+            RuntimeError: Before :meth:`setup`.
+            ValueError: For an unknown split, or ``"val"`` when ``val_split`` is 0.
+        """
+        x, y = self._get(split)
+        if split == "val" and len(x) == 0:
+            raise ValueError("there is no validation split: set val_split to a fraction or count > 0")
+        return self._transform(augment=False)((x, y.clone()))
+
+    # Internals ------------------------------------------------------------------------------------------------------
+
+    def _check(self, split: str, x: Tensor, y: Tensor) -> None:
+        name = type(self).__name__
+        if tuple(x.shape[1:]) != tuple(self.input_shape) or y.shape != x.shape[:1]:
+            raise ValueError(f"{name} {split} data has images {tuple(x.shape)} and labels {tuple(y.shape)}; "
+                             f"expected [N, {', '.join(map(str, self.input_shape))}] and [N]. Re-download it.")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"{name} {split} labels span [{int(y.min())}, {int(y.max())}] but there are "
+                             f"{self.num_classes} classes. Re-download the data.")
+
+    def _split_indices(self, n: int) -> tuple[Tensor | None, Tensor]:
+        """Seeded ``(train, val)`` indices into the training set, each sorted; train ``None`` means all of it."""
+        n_val = round(self.val_split * n) if self.val_split < 1 else int(self.val_split)
+        if n_val >= n:
+            raise ValueError(f"val_split={self.val_split} leaves no training data out of {n} samples")
+        if self.train_subset is not None and self.train_subset > n - n_val:
+            raise ValueError(f"train_subset={self.train_subset} exceeds the {n - n_val} training samples available")
+        if n_val == 0 and self.train_subset is None:
+            return None, torch.empty(0, dtype=torch.long)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        val, rest = perm[:n_val].sort().values, perm[n_val:]
+        k = self.train_subset if self.train_subset is not None else len(rest)
+        train = rest[:k].sort().values if self.subset_mode == "random" else rest.sort().values[:k]
+        return train, val
+
+    def _get(self, split: str) -> tuple[Tensor, Tensor]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not self._splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its data is used")
+        return self._splits[split]
+
+    def _transform(self, augment: bool) -> BatchTransform:
+        return BatchTransform(self.mean, self.std, self.normalize, augment, self.crop_padding)
+
+    def _placement(self) -> tuple[torch.device, int, int]:
+        """``(device, rank, world_size)`` from the attached trainer, else CPU on a single process."""
+        if self.trainer is None:
+            return torch.device("cpu"), 0, 1
+        return self.trainer.strategy.root_device, self.trainer.global_rank, self.trainer.world_size
+
+    def _dataloader_factory(self, split: Split) -> DataLoader | DeviceLoader:
+        """The loader for ``split``: resident on the device, or a DataLoader over host tensors."""
+        x, y = self._get(split)
+        train = split == "train"
+        batch_size = self.batch_size if train else self.eval_batch_size
+        transform = self._transform(augment=train and self.augment)
+        device, rank, world_size = self._placement()
+        if self.device_resident:
+            if split not in self._resident or self._resident[split][0].device != device:
+                self._resident[split] = (x.to(device), y.to(device))
+            x, y = self._resident[split]
+            sampler = ShardedSampler(len(x), shuffle=train, seed=self.seed, rank=rank, world_size=world_size,
+                                     drop_uneven=train)
+            return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed)
+        return DataLoader(
+            TensorBatchDataset(x, y),
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=transform,
+            pin_memory=device.type == "cuda" or (self.trainer is None and torch.cuda.is_available()),
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )

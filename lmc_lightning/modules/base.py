@@ -1,0 +1,136 @@
+"""Base LightningModule: optimiser and schedule settings shared by every method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    Args:
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        nesterov: Use Nesterov momentum (SGD).
+        weight_decay: L2 penalty (decoupled for AdamW).
+        betas: Adam/AdamW betas.
+        scheduler: ``"constant"``, ``"multistep"`` (decay by ``gamma`` at ``milestones``), ``"cosine"`` (to 0 at the
+            end of training) or ``"onecycle"`` (linear up for ``warmup_epochs`` or 30%, cosine down).
+        milestones: Epochs (may be fractional) at which ``multistep`` multiplies the rate by ``gamma``.
+        gamma: Decay factor for ``multistep``.
+        warmup_epochs: Linear warm-up from 0 over this many epochs (fractional allowed), before any schedule.
+    """
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "multistep", "cosine", "onecycle"] = "cosine"
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}.")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError("optim.nesterov needs optimizer 'sgd' with momentum > 0.")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}.")
+        self.betas = tuple(self.betas)  # YAML gives lists
+
+    def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """Create the optimiser over ``params``."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("Nothing to optimise: the module has no trainable parameters.")
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                                   weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: float) -> float:
+        """Multiplier of ``lr`` at optimiser step ``step`` (0-based) of ``total_steps``."""
+        warm = self.warmup_epochs * steps_per_epoch
+        if self.scheduler == "onecycle" and warm == 0:
+            warm = 0.3 * total_steps
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if self.scheduler == "multistep":
+            epoch = step / max(steps_per_epoch, 1e-12)
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.scheduler in ("cosine", "onecycle"):
+            progress = (step - warm) / max(total_steps - warm, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return 1.0
+
+
+def as_optim(optim: OptimConfig | dict[str, Any] | None) -> OptimConfig:
+    """Accept an ``OptimConfig``, its dict form (as stored in checkpoints), or None (defaults)."""
+    if optim is None:
+        return OptimConfig()
+    if isinstance(optim, OptimConfig):
+        return optim
+    return OptimConfig(**optim)
+
+
+class LMCModule(LightningModule):
+    """Base class of every method: classification loss, optimiser and step-wise schedule.
+
+    Args:
+        num_classes: Number of classes (linked from the datamodule by the CLI).
+        input_shape: ``(C, H, W)`` of the inputs (linked from the datamodule by the CLI).
+        optim: Optimiser and schedule settings.
+        label_smoothing: Label smoothing of the cross-entropy loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.optim = as_optim(optim)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def save_hparams(self, ignore: Iterable[str] = ()) -> None:
+        """``save_hyperparameters`` with checkpoint-safe values (plain types only, for ``weights_only`` loading)."""
+        self.save_hyperparameters(ignore=list(ignore), logger=True)
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, OptimConfig):
+                self.hparams[key] = asdict(value)
+            elif isinstance(value, tuple):
+                self.hparams[key] = list(value)
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters the optimiser updates (all by default)."""
+        return self.parameters()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimiser plus a per-step ``LambdaLR`` following ``optim``'s schedule."""
+        opt = self.optim.build_optimizer(self.trainable_parameters())
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        per_epoch = total / epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.optim.lr_factor(s, total, per_epoch))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

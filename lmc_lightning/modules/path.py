@@ -1,0 +1,373 @@
+"""PathModule: the base of every module that connects endpoint networks in weight space.
+
+A path module loads its endpoints (in ``setup``), builds a :class:`~lmc_lightning.weights.paths.Path` through the
+:meth:`PathModule.build_path` hook and, under ``lmc test``, evaluates a grid of points on it with
+:func:`~lmc_lightning.weights.evaluate.evaluate_path`: loss and accuracy per point and the barrier summary are logged,
+and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path as FilePath
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lmc_lightning.checkpoint import check_state_matches, load_weights
+from lmc_lightning.modules.base import LMCModule, OptimConfig
+from lmc_lightning.nets import get_net
+from lmc_lightning.weights.evaluate import evaluate_path
+from lmc_lightning.weights.paths import Path, check_compatible
+from lmc_lightning.weights.result import PathResult
+
+WeightDict = dict[str, Tensor]
+BNMode = Literal["reset", "repair", "rescale"]
+CKPT_KEY = "lmc_path"
+
+
+def seeded_subset(data: tuple[Tensor, Tensor], n: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """At most ``n`` samples of ``(x, y)``, drawn by a seeded permutation (the same on every rank)."""
+    x, y = data
+    if n is None or n >= len(x):
+        return x, y
+    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[index], y[index]
+
+
+def rank_info(trainer: Any) -> tuple[int, int]:
+    """``(global_rank, world_size)`` of an attached trainer, ``(0, 1)`` without one."""
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
+def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], trainer: Any = None, *,
+                      train_data: tuple[Tensor, Tensor] | None = None, bn_batch_size: int = 500,
+                      **kwargs: Any) -> PathResult:
+    """:func:`evaluate_path` with the work shared between DDP ranks.
+
+    Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data``; per-point sums of loss and of
+    correct predictions are all-reduced, so every rank returns the same result, equal to a single-process run on all
+    of ``data``. ``train_data`` (BN statistics) is sliced the same way and ``bn_batches`` is set to cover this rank's
+    slice; the engine's BN reset all-reduces its sums, so the statistics are those of the whole ``train_data``. All
+    ranks must call this together (it holds collectives).
+
+    Args:
+        path: The path to evaluate.
+        net: Template network (the architecture the weights are run through).
+        data: ``(x, y)`` evaluation tensors, the same on every rank.
+        trainer: The Lightning trainer (for rank, world size and the all-reduce); ``None``: one process.
+        train_data: ``(x, y)`` used for BN statistics, the same on every rank, or ``None``.
+        bn_batch_size: Batch size of the BN statistics pass.
+        **kwargs: Passed on to :func:`evaluate_path` (``coords``, ``bn``, ``device``, ``precision``, ...).
+    """
+    rank, world = rank_info(trainer)
+    x, y = data
+    if len(y) < world:
+        raise ValueError(f"{len(y)} evaluation samples cannot be shared between {world} ranks; use more data.")
+    if world > 1:
+        x, y = x[rank::world], y[rank::world]
+    if train_data is not None:
+        tx, ty = train_data
+        if world > 1:
+            tx, ty = tx[rank::world], ty[rank::world]
+        train_data = (tx, ty)
+        kwargs["bn_batches"] = math.ceil(len(tx) / bn_batch_size)
+    result = evaluate_path(path, net, (x, y), train_data=train_data, bn_batch_size=bn_batch_size, **kwargs)
+    if world == 1:
+        return result
+    n = float(len(y))
+    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n)], dtype=torch.float64)
+    count = torch.tensor([n], dtype=torch.float64)
+    device = trainer.strategy.root_device
+    sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
+    count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
+    mean = (sums / count).numpy()
+    meta = {**result.meta, "world_size": world, "num_samples": int(count.item())}
+    return dataclasses.replace(result, loss=mean[0], accuracy=mean[1], meta=meta)
+
+
+def point_label(coord: Sequence[float]) -> str:
+    """Metric suffix of a grid point: ``t=0.50`` on a curve, ``u=0.25_v=0.75`` on a surface."""
+    values = [float(c) for c in coord]
+    names = ["t"] if len(values) == 1 else ["u", "v", "w"][: len(values)]
+    return "_".join(f"{name}={value:.2f}" for name, value in zip(names, values, strict=True))
+
+
+def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "path") -> dict[str, FilePath]:
+    """Write ``{stem}.csv``, ``{stem}.json`` and ``{stem}.png`` into ``folder`` (each atomically); returns the paths."""
+    folder = FilePath(folder)
+    return {
+        "csv": result.to_csv(folder / f"{stem}.csv"),
+        "json": result.to_json(folder / f"{stem}.json"),
+        "png": result.plot(folder / f"{stem}.png"),
+    }
+
+
+class PathModule(LMCModule):
+    """Base of the path modules: load endpoints, build a path, evaluate a grid of points on ``lmc test``.
+
+    Subclasses implement :meth:`build_path` (and may override :meth:`prepare_endpoints`, :meth:`eval_coords` and
+    ``training_step`` with ``trainable = True`` for paths that are fitted, like Bezier curves). The template network
+    (``self.net``) only supplies the architecture; every evaluation runs the path's weights through it with
+    ``torch.func.functional_call``. It is not a submodule, so checkpoints hold the path's tensors only, and
+    ``module.train()``/``eval()`` do not reach it: set its mode where it matters (BatchNorm during training).
+
+    Under DDP each rank evaluates its slice of the test split and the sums are all-reduced
+    (:func:`evaluate_on_ranks`); rank 0 writes the files.
+
+    Args:
+        endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
+        num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
+        bn: Recompute BatchNorm statistics at every point: ``"reset"`` (on training data), ``"repair"`` or
+            ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
+        bn_batches: Batches of training data for the BN statistics.
+        bn_batch_size: Batch size of the BN statistics pass.
+        eval_batch_size: Batch size of the evaluation pass.
+        precision: Evaluation precision, passed to ``evaluate_path`` (``"auto"``: bf16 autocast on GPU).
+        strategy: Evaluation strategy, passed to ``evaluate_path`` (``"auto"``, ``"loop"`` or ``"vmap"``).
+        prefix: Submodule holding the network inside the endpoints' Lightning checkpoints (``"net"``; ``"net_a"`` or
+            ``"net_b"`` for a ``PairModule``); one name for all endpoints or one per endpoint.
+        net: Architecture name; needed only when the endpoints are plain state dicts (overrides the checkpoints').
+        net_kwargs: Architecture arguments overriding the checkpoints' (or for plain state dicts).
+        output_dir: Folder of ``path.csv/json/png``; ``None``: the trainer's log folder.
+        num_classes: Number of classes (linked from the data).
+        input_shape: ``(C, H, W)`` of the inputs (linked from the data).
+        optim: Optimiser settings (used only by trainable paths).
+        label_smoothing: Label smoothing of the training loss (trainable paths).
+    """
+
+    trainable: ClassVar[bool] = False
+    """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
+    min_endpoints: ClassVar[int] = 2
+
+    def __init__(
+        self,
+        endpoints: list[str] | None = None,
+        num_points: int = 21,
+        bn: BNMode | None = None,
+        bn_batches: int = 20,
+        bn_batch_size: int = 500,
+        eval_batch_size: int = 1000,
+        precision: str = "auto",
+        strategy: str = "auto",
+        prefix: str | list[str] = "net",
+        net: str | None = None,
+        net_kwargs: dict[str, Any] | None = None,
+        output_dir: str | None = None,
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
+                         label_smoothing=label_smoothing)
+        self.save_hparams()
+        self.endpoints = [str(e) for e in (endpoints or [])]
+        if self.endpoints and len(self.endpoints) < self.min_endpoints:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_endpoints} endpoints, got "
+                             f"{len(self.endpoints)}: pass --model.endpoints [a.ckpt,b.ckpt].")
+        prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
+        if len(prefixes) not in (1, max(len(self.endpoints), 1)):
+            raise ValueError(f"prefix lists {len(prefixes)} names for {len(self.endpoints)} endpoints; "
+                             "give one name, or one per endpoint.")
+        self.prefixes = prefixes * len(self.endpoints) if len(prefixes) == 1 else prefixes
+        if num_points < 2:
+            raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
+        if bn is not None and bn not in ("reset", "repair", "rescale"):
+            raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+        if bn_batches < 1 or bn_batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("bn_batches, bn_batch_size and eval_batch_size must be >= 1, got "
+                             f"{bn_batches}, {bn_batch_size}, {eval_batch_size}.")
+        self.num_points = num_points
+        self.bn = bn
+        self.bn_batches = bn_batches
+        self.bn_batch_size = bn_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.eval_precision = precision
+        self.eval_strategy = strategy
+        self.net_name = net
+        self.net_kwargs = dict(net_kwargs or {})
+        self.output_dir = output_dir
+        self.path: Path | None = None
+        self.net_spec: dict[str, Any] | None = None
+        self.result: PathResult | None = None
+        self.result_files: dict[str, FilePath] = {}
+        object.__setattr__(self, "_template", None)  # not a submodule: kept out of state_dict and parameters()
+
+    # Template hooks -------------------------------------------------------------------------------------------------
+
+    def prepare_endpoints(self, thetas: list[WeightDict]) -> list[WeightDict]:
+        """Transform the loaded endpoints before the path is built (e.g. align them); identity by default.
+
+        Called once, when endpoints are read from their files; not when the path is restored from a checkpoint
+        (which already holds the prepared endpoints).
+        """
+        return thetas
+
+    def build_path(self, thetas: list[WeightDict]) -> Path:
+        """Build the path from the endpoint weight dicts (in ``endpoints`` order, keys in the template's order).
+
+        Also called, with placeholder endpoints, to rebuild the path before a checkpoint's tensors are loaded into
+        it, so it must construct the same structure from any endpoints of the right architecture.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement build_path(thetas) -> Path.")
+
+    def eval_coords(self) -> Tensor:
+        """The grid evaluated by ``lmc test``: ``[P, dim]`` coordinates (``t`` in [0, 1], or a ``(u, v)`` grid)."""
+        grid = torch.linspace(0, 1, self.num_points, dtype=torch.float64)
+        dim = self.path.dim if self.path is not None else 1
+        if dim == 1:
+            return grid[:, None]
+        mesh = torch.meshgrid(*([grid] * dim), indexing="ij")
+        return torch.stack([m.reshape(-1) for m in mesh], dim=1)
+
+    # Endpoints ------------------------------------------------------------------------------------------------------
+
+    @property
+    def net(self) -> nn.Module:
+        """Template network of the endpoints' architecture (available after ``setup``)."""
+        if self._template is None:
+            raise RuntimeError(f"{type(self).__name__}: the endpoints are loaded in setup(); run it first.")
+        return self._template
+
+    def _resolve_spec(self, specs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """Architecture of the template: ``net``/``net_kwargs`` over the first checkpoint's stored spec."""
+        if self.net_name is not None:
+            spec = {"name": self.net_name, "num_classes": self.num_classes, "in_channels": self.input_shape[0],
+                    "input_size": self.input_shape[1]}
+        else:
+            spec = next((dict(s) for s in specs if s is not None), None)
+            if spec is None:
+                raise ValueError("The endpoints are plain state dicts without an architecture: pass "
+                                 "--model.net NAME (and --model.net_kwargs) to say which net they belong to.")
+        spec.update(self.net_kwargs)
+        if int(spec.get("num_classes", self.num_classes)) != self.num_classes:
+            raise ValueError(f"The endpoints have {spec['num_classes']} classes but the data has {self.num_classes}; "
+                             "evaluate them on the dataset they were trained on.")
+        return spec
+
+    def load_endpoints(self) -> list[WeightDict]:
+        """Read the endpoint weights, build the template net and check every endpoint against it.
+
+        Raises:
+            ValueError: No endpoints, unreadable files, or a mismatching tensor (named, with both shapes).
+        """
+        if not self.endpoints:
+            raise ValueError(f"{type(self).__name__} has no endpoints: pass --model.endpoints [a.ckpt,b.ckpt].")
+        loaded = [load_weights(p, prefix) for p, prefix in zip(self.endpoints, self.prefixes, strict=True)]
+        spec = self._resolve_spec([s for _, s in loaded])
+        template = self._make_template(spec)
+        names = [f"endpoint {i} ({p})" for i, p in enumerate(self.endpoints)]
+        keys = list(template.state_dict())
+        thetas = []
+        for (state, _), name in zip(loaded, names, strict=True):
+            check_state_matches(template, state, source=name)
+            thetas.append({k: state[k] for k in keys})
+        check_compatible(*thetas, names=names)
+        return thetas
+
+    def _make_template(self, spec: dict[str, Any]) -> nn.Module:
+        kwargs = dict(spec)
+        template = get_net(kwargs.pop("name"), **kwargs).eval()
+        template.requires_grad_(False)
+        self.net_spec = spec
+        object.__setattr__(self, "_template", template)
+        return template
+
+    def setup(self, stage: str) -> None:
+        """Load the endpoints and build the path (skipped when a checkpoint restores it)."""
+        if stage == "fit" and not self.trainable:
+            raise ValueError(f"{type(self).__name__} has nothing to train; evaluate it with `lmc test`.")
+        if self.path is not None:
+            return
+        trainer = self._trainer
+        if trainer is not None and trainer.ckpt_path:
+            return  # on_load_checkpoint rebuilds the path from the checkpoint
+        thetas = self.prepare_endpoints(self.load_endpoints())
+        self.path = self.build_path(thetas)
+        rank_zero_info(f"{type(self).__name__}: {type(self.path).__name__} path between "
+                       f"{len(self.endpoints)} endpoints of '{self.net_spec['name']}'.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what rebuilding the path needs: the architecture and the number of endpoints (plain types)."""
+        checkpoint[CKPT_KEY] = {"net_spec": dict(self.net_spec or {}), "num_endpoints": self.path.num_fixed}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the template and an empty path of the right structure; Lightning then loads its tensors."""
+        info = checkpoint.get(CKPT_KEY)
+        if info is None:
+            raise ValueError(f"This checkpoint was not written by a {type(self).__name__} (no '{CKPT_KEY}' entry).")
+        template = self._make_template(dict(info["net_spec"]))
+        placeholder = {k: v.clone() for k, v in template.state_dict().items()}
+        self.path = self.build_path([placeholder] * int(info["num_endpoints"]))
+        self.path.to(self.device)
+
+    # Evaluation -----------------------------------------------------------------------------------------------------
+
+    def _datamodule(self) -> Any:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "split_tensors"):
+            raise ValueError(f"{type(self).__name__} evaluates whole splits: pass an lmc_lightning datamodule "
+                             "(--data FashionMNISTDataModule, ...) that provides split_tensors().")
+        return dm
+
+    def evaluate_grid(self, split: str = "test") -> PathResult:
+        """Evaluate :meth:`eval_coords` on a whole split of the attached datamodule (all ranks must call this)."""
+        if self.path is None:
+            raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
+        dm = self._datamodule()
+        train = None
+        if self.bn is not None:
+            train = seeded_subset(dm.split_tensors("train"), self.bn_batches * self.bn_batch_size)
+        return evaluate_on_ranks(
+            self.path, self.net, dm.split_tensors(split), self.trainer, train_data=train,
+            bn_batch_size=self.bn_batch_size, coords=self.eval_coords(), bn=self.bn, batch_size=self.eval_batch_size,
+            device=self.device, precision=self.eval_precision, strategy=self.eval_strategy,
+        )
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the grid is evaluated once on the whole test split in ``on_test_epoch_end``."""
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        """Evaluate the grid, log per-point and barrier metrics, write the result files (rank 0)."""
+        result = self.evaluate_grid("test")
+        self.result = result
+        self.log_result(result)
+        folder = self.output_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.is_global_zero:
+            self.result_files = write_result(result, folder)
+            rank_zero_info(f"{type(self).__name__}: loss barrier {result.loss_barrier:.4f}, accuracy barrier "
+                           f"{result.accuracy_barrier:.4f}; wrote {', '.join(map(str, self.result_files.values()))}")
+
+    def log_result(self, result: PathResult) -> None:
+        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""
+        metrics = summary_metrics(result)
+        for coord, loss, acc in zip(result.coords, result.loss, result.accuracy, strict=True):
+            label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
+            metrics[f"path/loss_{label}"] = float(loss)
+            metrics[f"path/acc_{label}"] = float(acc)
+        for name, value in metrics.items():
+            self.log(name, value, sync_dist=False)  # already identical on every rank
+
+
+def summary_metrics(result: PathResult, prefix: str = "barrier") -> dict[str, float]:
+    """The barrier summary of a result as ``{prefix}/loss``, ``{prefix}/accuracy``, ``{prefix}/loss_mean``, ..."""
+    return {
+        f"{prefix}/loss": float(result.loss_barrier),
+        f"{prefix}/accuracy": float(result.accuracy_barrier),
+        f"{prefix}/loss_mean": float(result.loss_barrier_mean),
+        f"{prefix}/accuracy_mean": float(result.accuracy_barrier_mean),
+    }
+
+
+def as_weight_dict(state: Mapping[str, Tensor]) -> WeightDict:
+    """A detached CPU copy of a state dict."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

@@ -1,0 +1,88 @@
+"""CIFAR-style VGG: conv stack, global average pooling, one linear classifier."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lmc_lightning.nets.layers import check_common, check_norm, check_width, norm2d, scaled
+from lmc_lightning.nets.registry import register
+
+# Output channels of the 3x3 convs; "M" is a 2x2 max-pool.
+CONFIGS: dict[int, list[int | str]] = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+INITS = ("default", "kaiming_normal")
+
+
+class VGG(nn.Module):
+    """VGG-11/13/16/19 for small images.
+
+    Max-pools use ``ceil_mode=True`` so that inputs whose side is not a power of two (28x28) never shrink to zero;
+    on 32x32 and 64x64 inputs this is the usual 2x2 pooling. An adaptive average pool before the classifier makes
+    the net run on any input size.
+
+    Args:
+        num_classes: Output size.
+        in_channels: Input image channels.
+        input_size: Input image side (unused: the net is size-agnostic; accepted for a uniform registry).
+        depth: 11, 13, 16 or 19 weight layers.
+        width: Multiplier of the 64/128/256/512 channel counts.
+        norm: ``"bn"`` (BatchNorm2d), ``"ln"`` (GroupNorm(1, C), see ``layers.norm2d``) or ``"none"``, after each conv.
+        bias: Give convs and the classifier biases; False needs ``norm="none"`` (a net without any bias).
+        init: ``"default"`` (PyTorch's) or ``"kaiming_normal"`` (convs ~ Kaiming normal fan-out, classifier ~
+            N(0, 0.01), biases 0, norm weights 1).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32, depth: int = 16,
+                 width: float = 1.0, norm: str = "none", bias: bool = True, init: str = "default") -> None:
+        super().__init__()
+        check_common(num_classes, in_channels, input_size)
+        if depth not in CONFIGS:
+            raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {depth!r}.")
+        width = check_width(width)
+        check_norm(norm)
+        if not bias and norm != "none":
+            raise ValueError(f"bias=False builds a net without any bias, but norm='{norm}' layers carry one; "
+                             "use norm='none' with bias=False.")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in CONFIGS[depth]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+                continue
+            out = scaled(int(item), width)
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=bias), *norm2d(norm, out), nn.ReLU(inplace=False)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(channels, num_classes, bias=bias)
+        if init == "kaiming_normal":
+            self._kaiming_normal_init()
+
+    def _kaiming_normal_init(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, C, H, W]``."""
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+for _depth in CONFIGS:
+    register(f"vgg{_depth}", depth=_depth)(VGG)
+    register(f"vgg{_depth}_bn", depth=_depth, norm="bn")(VGG)
+    register(f"vgg{_depth}_ln", depth=_depth, norm="ln")(VGG)
+    register(f"vgg{_depth}_nobias", depth=_depth, bias=False)(VGG)

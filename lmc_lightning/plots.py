@@ -1,0 +1,81 @@
+"""Figures of loss and accuracy along a path (curves) or over a surface (heat maps), without pyplot state."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path as FilePath
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lmc_lightning.io import atomic_write
+
+if TYPE_CHECKING:
+    from lmc_lightning.weights.result import PathResult
+
+
+def _subtitle(result: PathResult) -> str:
+    b = result.barriers()
+    if b["loss_barrier"] is None:
+        return ""
+    return f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {100 * b['accuracy_barrier']:.2f} pts"
+
+
+def plot_curve(result: PathResult, title: str | None = None) -> Figure:
+    """Loss and accuracy against ``t``, two panels side by side."""
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    t = result.ts
+    order = np.argsort(t)
+    for ax, values, label in zip(fig.subplots(1, 2), (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")):
+        ax.plot(t[order], values[order], marker="o", markersize=3)
+        ax.set_xlabel("t")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
+    return fig
+
+
+def _grid(result: PathResult, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Values on the full ``(u, v)`` grid, or ``None`` when the points are not a full grid."""
+    us, vs = np.unique(result.coords[:, 0]), np.unique(result.coords[:, 1])
+    if len(us) * len(vs) != len(values):
+        return None
+    grid = np.full((len(vs), len(us)), np.nan)
+    grid[np.searchsorted(vs, result.coords[:, 1]), np.searchsorted(us, result.coords[:, 0])] = values
+    return (None if np.isnan(grid).any() else (us, vs, grid))
+
+
+def plot_surface(result: PathResult, title: str | None = None) -> Figure:
+    """Heat maps of loss and accuracy over ``(u, v)`` (scatter when the points are not a full grid)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, values, label in zip(fig.subplots(1, 2), (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")):
+        grid = _grid(result, values)
+        if grid is None:
+            art = ax.scatter(result.coords[:, 0], result.coords[:, 1], c=values, cmap="viridis")
+        else:
+            us, vs, g = grid
+            art = ax.pcolormesh(us, vs, g, shading="nearest", cmap="viridis")
+        fig.colorbar(art, ax=ax, label=label)
+        ax.set_xlabel("u")
+        ax.set_ylabel("v")
+        ax.set_title(label)
+    fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
+    return fig
+
+
+def plot_result(result: PathResult, title: str | None = None) -> Figure:
+    """:func:`plot_curve` for curves, :func:`plot_surface` for surfaces."""
+    return plot_curve(result, title) if result.dim == 1 else plot_surface(result, title)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> FilePath:
+    """Save a figure atomically; the format follows the suffix (png, pdf, svg, ...)."""
+    path = FilePath(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")

@@ -1,0 +1,395 @@
+"""Trainable curves and surfaces in weight space: Bezier curves, polygonal chains, Bezier surfaces.
+
+Each path is a :class:`~lmc_lightning.weights.paths.Path` whose fixed control points are the endpoints (or the four
+corner modes) and whose free control points ("bends") are ``nn.Parameter``s. By default the bends start on the
+straight line (or bilinear patch) between the fixed points, where every path here *is* that line or patch exactly,
+so training starts from linear interpolation. Non-floating tensors (``num_batches_tracked``) are carried from the
+first endpoint.
+
+Control-point order (the order of :meth:`Path.coefficients` columns and of ``init``):
+
+* curves: ``[theta_a, bend_1, ..., bend_n, theta_b]``; ``init`` lists the bends ``bend_1..bend_n``;
+* :class:`BezierSurface`: an ``(n + 2) x (n + 2)`` grid ``P[i][j]`` (``i`` along ``u``, ``j`` along ``v``) stored
+  row-major (index ``i * (n + 2) + j``); corners ``[(0, 0), (1, 0), (0, 1), (1, 1)]`` in ``(u, v)``; ``init`` lists
+  the non-corner grid points in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lmc_lightning.weights.paths import Path, WeightDict, _slot
+
+CORNERS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
+"""``(u, v)`` position of each corner mode of a :class:`BezierSurface`, in the order the corners are given."""
+
+
+def bernstein(t: Tensor, degree: int) -> Tensor:
+    """Bernstein basis polynomials ``C(n, k) t^k (1 - t)^(n - k)``.
+
+    Args:
+        t: ``[P]`` parameters in ``[0, 1]``.
+        degree: Polynomial degree ``n`` (``n + 1`` basis functions).
+
+    Returns:
+        ``[P, degree + 1]`` basis values; every row sums to 1.
+    """
+    k = torch.arange(degree + 1, dtype=t.dtype, device=t.device)
+    binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=t.dtype, device=t.device)
+    t = t[:, None]
+    return binom * t.pow(k) * (1 - t).pow(degree - k)
+
+
+def _check_bends(num_bends: int) -> int:
+    if isinstance(num_bends, bool) or not isinstance(num_bends, int) or num_bends < 0:
+        raise ValueError(f"num_bends must be a non-negative integer (free control points), got {num_bends!r}.")
+    return num_bends
+
+
+def _check_count(thetas: Sequence[Mapping[str, Tensor]], count: int, what: str) -> list[Mapping[str, Tensor]]:
+    thetas = list(thetas)
+    if len(thetas) != count:
+        raise ValueError(f"{what}: expected {count} weight dicts, got {len(thetas)}.")
+    return thetas
+
+
+class ControlPath(Path):
+    """A :class:`Path` whose free control points have a "linear" position: a fixed mix of the fixed points.
+
+    ``linear_weights[i, j]`` is the weight of fixed point ``j`` in the linear position of free point ``i``; at those
+    positions the path reduces to linear (bilinear) interpolation of the fixed points. This gives the default
+    initialisation, :meth:`distance_to_linear` (for L2 regularisation toward the straight path) and
+    :meth:`reset_to_linear`.
+
+    Args:
+        fixed: Fixed control points.
+        linear_weights: ``[n_free, n_fixed]`` mixing weights of the linear position of each free point.
+        init: Initial free control points (full weight dicts, one per free point); ``None`` for the linear position.
+        fixed_index: Position of each fixed point in the control-point sequence.
+        free_index: Position of each free point in the control-point sequence.
+    """
+
+    def __init__(
+        self,
+        fixed: Sequence[Mapping[str, Tensor]],
+        linear_weights: Tensor,
+        init: Sequence[Mapping[str, Tensor]] | None = None,
+        fixed_index: Sequence[int] | None = None,
+        free_index: Sequence[int] | None = None,
+    ) -> None:
+        linear_weights = torch.as_tensor(linear_weights, dtype=torch.float64)
+        n_free = linear_weights.shape[0]
+        if init is None:
+            free = [self._mix(fixed, row) for row in linear_weights]
+        else:
+            free = list(init)
+            if len(free) != n_free:
+                raise ValueError(
+                    f"{type(self).__name__}: init has {len(free)} weight dicts but the path has {n_free} free control "
+                    "points; pass one weight dict per free point (or init=None for the linear initialisation)."
+                )
+        super().__init__(fixed, free, fixed_index, free_index)
+        self.linear_weights = linear_weights
+
+    @staticmethod
+    def _mix(thetas: Sequence[Mapping[str, Tensor]], weights: Tensor) -> WeightDict:
+        out: WeightDict = {}
+        for key, ref in thetas[0].items():
+            if torch.is_floating_point(ref):
+                out[key] = sum(float(w) * t[key].detach() for w, t in zip(weights, thetas, strict=True))
+            else:
+                out[key] = ref.detach()
+        return out
+
+    def _fixed(self, key: str) -> Tensor:
+        return getattr(self.fixed_store, _slot(key))
+
+    def _free(self, key: str) -> Tensor:
+        return getattr(self.free_store, _slot(key))
+
+    def free_parameter(self, key: str) -> Tensor:
+        """The ``[n_free, *shape]`` parameter holding the free control points of floating key ``key``."""
+        if key not in self.float_keys:
+            raise KeyError(f"'{key}' is not a floating-point key of this path; free points exist for {self.float_keys}")
+        return self._free(key)
+
+    def linear_free(self, key: str) -> Tensor:
+        """Linear position of the free control points of ``key``, ``[n_free, *shape]``."""
+        fixed = self._fixed(key)
+        return torch.tensordot(self.linear_weights.to(fixed), fixed, dims=1)
+
+    def distance_to_linear(self, keys: Sequence[str] | None = None) -> Tensor:
+        """Squared L2 distance of the free control points to their linear position, summed over points and keys.
+
+        Args:
+            keys: Keys to include (default: all floating keys). Pass only parameter keys to leave BN statistics out.
+        """
+        keys = self.float_keys if keys is None else list(keys)
+        total = self._fixed(self.float_keys[0]).new_zeros(())
+        if self.num_free == 0:
+            return total
+        for key in keys:
+            total = total + (self._free(key) - self.linear_free(key)).pow(2).sum()
+        return total
+
+    @torch.no_grad()
+    def reset_to_linear(self) -> None:
+        """Move every free control point back to its linear position (in place)."""
+        for key in self.float_keys:
+            if self.num_free:
+                self._free(key).copy_(self.linear_free(key))
+
+    def _combine(self, key: str, coef: Tensor) -> Tensor:
+        """``coef @ control_points(key)`` without materialising the stacked control points; ``coef`` is ``[P, n]``."""
+        fixed, free = self._fixed(key), self._free(key)
+        coef = coef.to(fixed.dtype)
+        out = torch.tensordot(coef[:, self.fixed_index], fixed, dims=1)
+        if self.num_free:
+            out = out + torch.tensordot(coef[:, self.free_index], free, dims=1)
+        return out
+
+    def stacked(self, coords) -> WeightDict:
+        """Weights at many points at once, ``{key: [P, *shape]}`` (see :meth:`Path.stacked`)."""
+        c = self._coords(coords)
+        coef = self.coefficients(c)
+        out: WeightDict = {}
+        for key in self.keys_:
+            if key in self.float_keys:
+                out[key] = self._combine(key, coef)
+            else:
+                buf = getattr(self.other_store, _slot(key))
+                out[key] = buf.unsqueeze(0).expand(c.shape[0], *buf.shape)
+        return out
+
+    def forward(self, *coords: float | Tensor) -> WeightDict:
+        """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
+        if len(coords) != self.dim:
+            raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
+        coef = self.coefficients(self._coords([float(x) for x in coords]))
+        out: WeightDict = {}
+        for key in self.keys_:
+            if key in self.float_keys:
+                out[key] = self._combine(key, coef)[0]
+            else:
+                out[key] = getattr(self.other_store, _slot(key))
+        return out
+
+
+def _curve_linear_weights(num_bends: int) -> Tensor:
+    """Bend ``k`` (of ``n``) sits at ``t = k / (n + 1)`` on the line: weights ``[1 - t, t]``."""
+    t = torch.arange(1, num_bends + 1, dtype=torch.float64) / (num_bends + 1)
+    return torch.stack([1 - t, t], dim=1)
+
+
+class Bezier(ControlPath):
+    """Bezier curve of degree ``num_bends + 1`` between two endpoints (Garipov et al., 2018).
+
+    ``theta(t) = sum_k B_{k,n+1}(t) P_k`` with the Bernstein basis ``B``, ``P_0 = theta_a``,
+    ``P_{n+1} = theta_b`` and ``n = num_bends`` free bends. One bend gives the quadratic curve.
+
+    Args:
+        endpoints: ``[theta_a, theta_b]`` weight dicts (frozen).
+        num_bends: Number of free control points (0 gives the straight line).
+        init: ``num_bends`` weight dicts to start the bends from; default: equally spaced on the line, where the curve
+            equals linear interpolation with the same parametrisation.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[Mapping[str, Tensor]],
+        num_bends: int = 1,
+        init: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> None:
+        endpoints = _check_count(endpoints, 2, f"{type(self).__name__} endpoints")
+        self.num_bends = _check_bends(num_bends)
+        super().__init__(
+            endpoints,
+            _curve_linear_weights(num_bends),
+            init,
+            fixed_index=[0, num_bends + 1],
+            free_index=list(range(1, num_bends + 1)),
+        )
+
+    def coefficients(self, coords: Tensor) -> Tensor:
+        return bernstein(coords[:, 0], self.num_bends + 1)
+
+    @classmethod
+    def through_midpoint(
+        cls, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], midpoint: Mapping[str, Tensor]
+    ) -> Bezier:
+        """The quadratic Bezier curve from ``theta_a`` to ``theta_b`` that passes through ``midpoint`` at ``t = 0.5``.
+
+        Its control point is ``2 m - (theta_a + theta_b) / 2`` (the quadratic path of Mechanistic Mode Connectivity).
+        """
+        control = {
+            k: (2 * m.detach() - (theta_a[k].detach() + theta_b[k].detach()) / 2) if torch.is_floating_point(m)
+            else m.detach()
+            for k, m in midpoint.items()
+        }
+        return cls([theta_a, theta_b], num_bends=1, init=[control])
+
+
+class MidpointQuadratic(ControlPath):
+    """The quadratic curve through ``theta_a`` (t=0), a free midpoint ``m`` (t=0.5) and ``theta_b`` (t=1).
+
+    The same curve as :meth:`Bezier.through_midpoint`, parametrised by the midpoint itself (Lagrange basis
+    ``(1 - t)(1 - 2t), 4t(1 - t), t(2t - 1)``), so training optimises ``m`` as in MMC's ``train_midpoint``.
+
+    Args:
+        endpoints: ``[theta_a, theta_b]`` weight dicts (frozen).
+        init: ``[m]``, one weight dict to start the midpoint from; default ``(theta_a + theta_b) / 2``.
+    """
+
+    num_bends = 1
+
+    def __init__(
+        self, endpoints: Sequence[Mapping[str, Tensor]], init: Sequence[Mapping[str, Tensor]] | None = None
+    ) -> None:
+        endpoints = _check_count(endpoints, 2, f"{type(self).__name__} endpoints")
+        super().__init__(endpoints, _curve_linear_weights(1), init, fixed_index=[0, 2], free_index=[1])
+
+    def coefficients(self, coords: Tensor) -> Tensor:
+        t = coords[:, 0]
+        return torch.stack([(1 - t) * (1 - 2 * t), 4 * t * (1 - t), t * (2 * t - 1)], dim=1)
+
+    def midpoint(self) -> WeightDict:
+        """The current midpoint ``theta(0.5)`` as a weight dict."""
+        return self(0.5)
+
+    def to_bezier(self) -> Bezier:
+        """An equal :class:`Bezier` curve (one bend), detached from this module."""
+        return Bezier.through_midpoint(self.endpoint(0), self.endpoint(1), self.midpoint())
+
+
+class PolyChain(ControlPath):
+    """Polygonal chain ``theta_a -> bend_1 -> ... -> bend_n -> theta_b``, bends at ``t = k / (n + 1)``.
+
+    Piecewise linear in ``t`` with equally long parameter intervals (Garipov et al.'s PolyChain).
+
+    Args:
+        endpoints: ``[theta_a, theta_b]`` weight dicts (frozen).
+        num_bends: Number of free bends (0 gives the straight line).
+        init: ``num_bends`` weight dicts to start the bends from; default: on the line at ``t = k / (n + 1)``.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[Mapping[str, Tensor]],
+        num_bends: int = 1,
+        init: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> None:
+        endpoints = _check_count(endpoints, 2, f"{type(self).__name__} endpoints")
+        self.num_bends = _check_bends(num_bends)
+        super().__init__(
+            endpoints,
+            _curve_linear_weights(num_bends),
+            init,
+            fixed_index=[0, num_bends + 1],
+            free_index=list(range(1, num_bends + 1)),
+        )
+
+    def coefficients(self, coords: Tensor) -> Tensor:
+        n = self.num_bends + 1
+        knots = torch.arange(n + 1, dtype=coords.dtype, device=coords.device)
+        return (1 - (coords[:, :1] * n - knots).abs()).clamp_min(0)
+
+
+class BezierSurface(ControlPath):
+    """Tensor-product Bezier surface spanned by four corner modes (MCSurface).
+
+    ``theta(u, v) = sum_{i,j} B_{i,n+1}(u) B_{j,n+1}(v) P_ij`` over an ``(n + 2) x (n + 2)`` control grid whose corners
+    are the fixed modes, in the order of :data:`CORNERS`: ``[(0, 0), (1, 0), (0, 1), (1, 1)]``. Its edges are Bezier
+    curves between adjacent corners (see :meth:`edge`).
+
+    Args:
+        corners: Four weight dicts, at ``(u, v) = (0, 0), (1, 0), (0, 1), (1, 1)`` (frozen).
+        num_bends: Free grid points per edge between two corners (grid side ``num_bends + 2``).
+        init: Weight dicts for the ``(n + 2)^2 - 4`` non-corner grid points in row-major order; default: the bilinear
+            interpolation of the corners at ``(i / (n + 1), j / (n + 1))``, where the surface equals the bilinear patch.
+    """
+
+    dim = 2
+
+    def __init__(
+        self,
+        corners: Sequence[Mapping[str, Tensor]],
+        num_bends: int = 1,
+        init: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> None:
+        corners = _check_count(corners, 4, f"{type(self).__name__} corners (order (u, v) = {list(CORNERS)})")
+        self.num_bends = _check_bends(num_bends)
+        m = num_bends + 2
+        corner_index = [i * (m - 1) * m + j * (m - 1) for i, j in CORNERS]
+        free_index = [k for k in range(m * m) if k not in corner_index]
+        pos = torch.tensor([divmod(k, m) for k in free_index], dtype=torch.float64).reshape(-1, 2) / (m - 1)
+        super().__init__(corners, self._bilinear(pos), init, fixed_index=corner_index, free_index=free_index)
+        grid = [divmod(k, m) for k in free_index]
+        # Per free point: whether it lies on the boundary of the control grid (a bend of an edge curve).
+        self.on_edge: list[bool] = [i in (0, m - 1) or j in (0, m - 1) for i, j in grid]
+
+    @staticmethod
+    def _bilinear(uv: Tensor) -> Tensor:
+        u, v = uv[:, 0], uv[:, 1]
+        return torch.stack([(1 - u) * (1 - v), u * (1 - v), (1 - u) * v, u * v], dim=1)
+
+    @property
+    def grid_size(self) -> int:
+        """Control points per side, ``num_bends + 2``."""
+        return self.num_bends + 2
+
+    def coefficients(self, coords: Tensor) -> Tensor:
+        bu = bernstein(coords[:, 0], self.num_bends + 1)
+        bv = bernstein(coords[:, 1], self.num_bends + 1)
+        return (bu[:, :, None] * bv[:, None, :]).reshape(coords.shape[0], -1)
+
+    def grid_point(self, key: str, i: int, j: int) -> Tensor:
+        """Control point ``P_ij`` of floating key ``key``."""
+        m = self.grid_size
+        if not (0 <= i < m and 0 <= j < m):
+            raise IndexError(f"Grid point ({i}, {j}) outside the {m} x {m} control grid.")
+        k = i * m + j
+        if k in self.fixed_index:
+            return self._fixed(key)[self.fixed_index.index(k)]
+        return self._free(key)[self.free_index.index(k)]
+
+    def edge(self, axis: str, side: int) -> Bezier:
+        """The edge curve ``u = side`` (``axis="u"``) or ``v = side`` (``axis="v"``) as a detached :class:`Bezier`.
+
+        ``edge("v", 0)`` runs from corner ``(0, 0)`` to ``(1, 0)`` along ``u``; ``edge("u", 1)`` from ``(1, 0)`` to
+        ``(1, 1)`` along ``v``. On that edge the surface equals the returned curve.
+        """
+        if axis not in ("u", "v") or side not in (0, 1):
+            raise ValueError(f"edge(axis, side) takes axis 'u' or 'v' and side 0 or 1, got ({axis!r}, {side!r}).")
+        m = self.grid_size
+        fixed_line = (m - 1) * side
+        cells = [(fixed_line, k) if axis == "u" else (k, fixed_line) for k in range(m)]
+        points = []
+        for i, j in cells:
+            theta = {key: self.grid_point(key, i, j).detach() for key in self.float_keys}
+            theta.update({key: getattr(self.other_store, _slot(key)) for key in self.keys_ if key not in theta})
+            points.append({key: theta[key] for key in self.keys_})
+        return Bezier([points[0], points[-1]], self.num_bends, init=points[1:-1])
+
+    @torch.no_grad()
+    def fill_interior_from_edges(self) -> None:
+        """Set interior grid points to the discrete Coons patch of the boundary control points (in place).
+
+        ``P_ij = (1-u) P_0j + u P_mj + (1-v) P_i0 + v P_im - bilinear(corners)`` with ``u = i/m, v = j/m``. With
+        straight edges this is the bilinear initialisation; used after an edge-only warm-up (``init_epochs``).
+        """
+        m = self.grid_size - 1
+        for key in self.float_keys:
+            free = self._free(key)
+            p = lambda i, j, key=key: self.grid_point(key, i, j)
+            for n, k in enumerate(self.free_index):
+                i, j = divmod(k, m + 1)
+                if self.on_edge[n]:
+                    continue
+                u, v = i / m, j / m
+                coons = (1 - u) * p(0, j) + u * p(m, j) + (1 - v) * p(i, 0) + v * p(i, m)
+                corners = (1 - u) * (1 - v) * p(0, 0) + u * (1 - v) * p(m, 0) + (1 - u) * v * p(0, m) + u * v * p(m, m)
+                free[n].copy_(coons - corners)

@@ -1,0 +1,184 @@
+"""Fitting the free control points of a path: sample coordinates, run the net at theta(coords), step.
+
+Pure torch, no Lightning: :func:`path_loss` is the per-batch objective a Lightning module calls in
+``training_step``; :func:`fit_path` is a plain training loop over tensors built on it (tests, scripts, benchmarks).
+
+BatchNorm: the net runs in train mode, so each sampled point normalises with its own batch statistics. The running
+statistics passed to the net are throw-away copies, so the path's stored buffers never change; evaluation points get
+their statistics recomputed afterwards (BN reset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lmc_lightning.weights.curves import ControlPath
+from lmc_lightning.weights.paths import Path, WeightDict, _slot
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def sample_uniform(num: int, dim: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    """``[num, dim]`` coordinates drawn uniformly from ``[0, 1]^dim`` (float64, CPU)."""
+    return torch.rand(num, dim, generator=generator, dtype=torch.float64)
+
+
+def sample_boundary(num: int, generator: torch.Generator | None = None) -> Tensor:
+    """``[num, 2]`` points drawn uniformly from the boundary of the unit square (each edge equally likely)."""
+    s = torch.rand(num, generator=generator, dtype=torch.float64)
+    edge = torch.randint(0, 4, (num,), generator=generator)
+    side = (edge % 2).to(torch.float64)
+    along_u = edge < 2
+    return torch.stack([torch.where(along_u, s, side), torch.where(along_u, side, s)], dim=1)
+
+
+def parameter_keys(net: nn.Module) -> list[str]:
+    """State-dict keys of ``net`` that are parameters (the rest are buffers)."""
+    return [name for name, _ in net.named_parameters()]
+
+
+def freeze_buffer_points(path: Path, net: nn.Module) -> list[nn.Parameter]:
+    """Stop gradients to the free control points of ``net``'s buffers (BN statistics); return the trainable ones.
+
+    Buffers are not trained (BN statistics are recomputed at evaluation), so their free points need no gradient or
+    optimiser state.
+
+    Returns:
+        The free-point parameters of ``net``'s parameters, for the optimiser.
+    """
+    params = set(parameter_keys(net))
+    missing = [k for k in params if k not in path.keys_]
+    if missing:
+        raise ValueError(f"The path has no control points for parameter '{missing[0]}' of the net; build the path "
+                         "from state dicts of this architecture.")
+    out = []
+    for key in path.float_keys:
+        p = getattr(path.free_store, _slot(key))
+        p.requires_grad_(key in params and path.num_free > 0)
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+def training_weights(path: Path, coords: Tensor, buffer_keys: Collection[str] = ()) -> WeightDict:
+    """Weights at one point for a training forward pass: buffers detached and copied so the net may update them.
+
+    Args:
+        path: The path.
+        coords: ``[dim]`` coordinates of the point.
+        buffer_keys: Keys of the net's buffers (BN running statistics, counters).
+    """
+    w = path(*coords.tolist())
+    for key in buffer_keys:
+        w[key] = w[key].detach().clone()
+    return w
+
+
+def path_loss(
+    path: Path,
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    coords: Tensor,
+    reg: float = 0.0,
+    loss_fn: LossFn = F.cross_entropy,
+    param_keys: Collection[str] | None = None,
+) -> Tensor:
+    """Mean loss of one batch over the sampled points, plus ``reg`` times the squared distance to the linear path.
+
+    Args:
+        path: The path (its free control points are what gets trained).
+        net: Any net with the path's state-dict keys; its mode (train/eval) decides BN behaviour.
+        x: Input batch.
+        y: Targets.
+        coords: ``[S, dim]`` sampled coordinates; the loss is averaged over them (same batch at each point).
+        reg: Weight of :meth:`ControlPath.distance_to_linear` (parameters only).
+        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        param_keys: The net's parameter keys (default: from ``net.named_parameters()``); the other keys are buffers.
+    """
+    param_keys = set(parameter_keys(net) if param_keys is None else param_keys)
+    buffer_keys = [k for k in path.keys_ if k not in param_keys]
+    total = 0.0
+    for c in coords:
+        total = total + loss_fn(functional_call(net, training_weights(path, c, buffer_keys), (x,)), y)
+    loss = total / coords.shape[0]
+    if reg:
+        if not isinstance(path, ControlPath):
+            raise TypeError(f"reg needs a path with a linear reference (ControlPath), got {type(path).__name__}.")
+        loss = loss + reg * path.distance_to_linear([k for k in path.float_keys if k in param_keys])
+    return loss
+
+
+def fit_path(
+    path: Path,
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epochs: int = 1,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    num_samples: int = 1,
+    reg: float = 0.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    loss_fn: LossFn = F.cross_entropy,
+    sampler: Callable[[int, torch.Generator], Tensor] | None = None,
+) -> list[float]:
+    """Train the free control points of ``path`` with SGD on tensors ``x, y`` (already on the path's device).
+
+    Each batch samples ``num_samples`` coordinates (uniform in ``[0, 1]^dim`` unless ``sampler`` is given) and
+    minimises :func:`path_loss`. The net runs in train mode (BN uses batch statistics); its own weights are unused.
+
+    Args:
+        path: Path to train in place.
+        net: Net of the path's architecture.
+        x: Training inputs.
+        y: Training targets.
+        epochs: Passes over the data.
+        lr: SGD learning rate (cosine-annealed to 0 over all steps).
+        batch_size: Batch size.
+        num_samples: Points sampled per batch.
+        reg: L2 weight toward the linear path.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        seed: Seeds data order and coordinate sampling.
+        loss_fn: Training loss.
+        sampler: ``sampler(num_samples, generator) -> [num_samples, dim]`` coordinates.
+
+    Returns:
+        Mean training loss of each epoch.
+    """
+    if epochs < 1 or num_samples < 1 or batch_size < 1:
+        raise ValueError(f"epochs, num_samples and batch_size must be >= 1, got {epochs}, {num_samples}, {batch_size}.")
+    params = freeze_buffer_points(path, net)
+    if not params:
+        raise ValueError(f"{type(path).__name__} has no free control points to train (num_bends=0?).")
+    param_keys = parameter_keys(net)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = sampler or (lambda n, g: sample_uniform(n, path.dim, g))
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps = epochs * -(-len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    was_training = net.training
+    net.train()
+    history = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            idx = idx.to(x.device)
+            loss = path_loss(path, net, x[idx], y[idx], sampler(num_samples, gen), reg, loss_fn, param_keys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(idx)
+            count += len(idx)
+        history.append(float(total) / count)
+    net.train(was_training)
+    return history

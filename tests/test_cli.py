@@ -1,0 +1,68 @@
+"""CLI: `lmc fit` then `lmc test` through main([...]), help output, and bad-config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmc_lightning import load_net
+from lmc_lightning.cli import main
+
+
+def _fit_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/endpoint/fmnist_mlp.yaml",
+        "--data.root", str(root), "--data.batch_size", "32", "--data.val_split", "64",
+        "--model.net_kwargs", '{"depth": 1, "width": 16}',
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.class_path", "CSVLogger",
+        "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def test_fit_then_test_writes_checkpoint_and_metrics(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).parents[1])
+    main(["fit", *_fit_args(fake_fmnist_root, tmp_path)])
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert ckpts, "fit wrote no last.ckpt"
+    net = load_net(ckpts[0])
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    cli = main(["test", *_fit_args(fake_fmnist_root, tmp_path), "--ckpt_path", str(ckpts[0])])
+    metrics = cli.trainer.callback_metrics
+    assert {"test/loss", "test/acc"} <= set(metrics)
+    assert 0.0 <= float(metrics["test/acc"]) <= 1.0
+
+
+def test_fast_dev_run_fit(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).parents[1])
+    cli = main(["fit", *_fit_args(fake_fmnist_root, tmp_path, "--trainer.fast_dev_run", "true")])
+    assert cli.trainer.state.finished
+    # num_classes and input_shape were linked from the datamodule into the model
+    assert cli.model.num_classes == 10 and cli.model.input_shape == (1, 28, 28)
+
+
+def test_help_lists_model_arguments(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "EndpointModule"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.net NET" in out and "--model.optim.lr" in out
+
+
+def test_unknown_net_in_config_is_a_clear_error(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).parents[1])
+    with pytest.raises(ValueError, match="Unknown net 'resnet999'"):
+        main(["fit", *_fit_args(fake_fmnist_root, tmp_path, "--model.net", "resnet999")])
+
+
+def test_wandb_logger_without_wandb_names_the_fix(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; this checks the message shown when it is not")
+    monkeypatch.chdir(Path(__file__).parents[1])
+    args = [("WandbLogger" if a == "CSVLogger" else a) for a in _fit_args(fake_fmnist_root, tmp_path)]
+    with pytest.raises(SystemExit, match=r"lmc_lightning\[wandb\]"):
+        main(["fit", *args, "--trainer.fast_dev_run", "true"])
