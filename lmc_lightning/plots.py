@@ -24,13 +24,17 @@ def _subtitle(result: PathResult) -> str:
     return f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {100 * b['accuracy_barrier']:.2f} pts"
 
 
+def _panels(result: PathResult) -> tuple[tuple[np.ndarray, np.ndarray], tuple[str, str]]:
+    return (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")
+
+
 def plot_curve(result: PathResult, title: str | None = None) -> Figure:
     """Loss and accuracy against ``t``, two panels side by side."""
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     FigureCanvasAgg(fig)
     t = result.ts
     order = np.argsort(t)
-    for ax, values, label in zip(fig.subplots(1, 2), (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")):
+    for ax, values, label in zip(fig.subplots(1, 2), _panels(result)[0], _panels(result)[1], strict=True):
         ax.plot(t[order], values[order], marker="o", markersize=3)
         ax.set_xlabel("t")
         ax.set_ylabel(label)
@@ -53,7 +57,7 @@ def plot_surface(result: PathResult, title: str | None = None) -> Figure:
     """Heat maps of loss and accuracy over ``(u, v)`` (scatter when the points are not a full grid)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, values, label in zip(fig.subplots(1, 2), (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")):
+    for ax, values, label in zip(fig.subplots(1, 2), _panels(result)[0], _panels(result)[1], strict=True):
         grid = _grid(result, values)
         if grid is None:
             art = ax.scatter(result.coords[:, 0], result.coords[:, 1], c=values, cmap="viridis")

@@ -48,7 +48,7 @@ def test_help_lists_model_arguments(capsys) -> None:
         main(["fit", "--model.help", "EndpointModule"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--model.net NET" in out and "--model.optim.lr" in out
+    assert "--model.net NET" in out and "--model.optim.help" in out
 
 
 def test_unknown_net_in_config_is_a_clear_error(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:

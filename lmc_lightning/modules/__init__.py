@@ -2,5 +2,8 @@
 
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.modules.endpoint import EndpointModule
+from lmc_lightning.modules.interpolation import InterpolationModule
+from lmc_lightning.modules.pair import PairModule
+from lmc_lightning.modules.path import PathModule
 
-__all__ = ["EndpointModule", "LMCModule", "OptimConfig"]
+__all__ = ["EndpointModule", "InterpolationModule", "LMCModule", "OptimConfig", "PairModule", "PathModule"]

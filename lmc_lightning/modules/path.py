@@ -9,7 +9,6 @@ and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
@@ -29,6 +28,16 @@ from lmc_lightning.weights.result import PathResult
 WeightDict = dict[str, Tensor]
 BNMode = Literal["reset", "repair", "rescale"]
 CKPT_KEY = "lmc_path"
+PRECISIONS = ("auto", "32", "bf16")
+STRATEGIES = ("auto", "loop", "vmap")
+
+
+def check_eval_settings(precision: str, strategy: str) -> None:
+    """Raise a ValueError for an unknown evaluation precision or strategy."""
+    if str(precision) not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (evaluation precision), got {precision!r}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} (evaluation strategy), got {strategy!r}.")
 
 
 def seeded_subset(data: tuple[Tensor, Tensor], n: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -47,25 +56,21 @@ def rank_info(trainer: Any) -> tuple[int, int]:
     return int(trainer.global_rank), int(trainer.world_size)
 
 
-def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], trainer: Any = None, *,
-                      train_data: tuple[Tensor, Tensor] | None = None, bn_batch_size: int = 500,
+def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], trainer: Any = None,
                       **kwargs: Any) -> PathResult:
-    """:func:`evaluate_path` with the work shared between DDP ranks.
+    """:func:`evaluate_path` with the evaluation data shared between DDP ranks.
 
     Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data``; per-point sums of loss and of
     correct predictions are all-reduced, so every rank returns the same result, equal to a single-process run on all
-    of ``data``. ``train_data`` (BN statistics) is sliced the same way and ``bn_batches`` is set to cover this rank's
-    slice; the engine's BN reset all-reduces its sums, so the statistics are those of the whole ``train_data``. All
-    ranks must call this together (it holds collectives).
+    of ``data``. BN statistics (``bn``, ``train_data``) are computed by every rank on the same samples (the engine's
+    seeded subset), so they too equal the single-process ones. All ranks must call this together.
 
     Args:
         path: The path to evaluate.
         net: Template network (the architecture the weights are run through).
         data: ``(x, y)`` evaluation tensors, the same on every rank.
-        trainer: The Lightning trainer (for rank, world size and the all-reduce); ``None``: one process.
-        train_data: ``(x, y)`` used for BN statistics, the same on every rank, or ``None``.
-        bn_batch_size: Batch size of the BN statistics pass.
-        **kwargs: Passed on to :func:`evaluate_path` (``coords``, ``bn``, ``device``, ``precision``, ...).
+        trainer: The Lightning trainer (rank, world size and the all-reduce); ``None``: one process.
+        **kwargs: Passed on to :func:`evaluate_path` (``coords``, ``bn``, ``train_data``, ``device``, ...).
     """
     rank, world = rank_info(trainer)
     x, y = data
@@ -73,13 +78,7 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], t
         raise ValueError(f"{len(y)} evaluation samples cannot be shared between {world} ranks; use more data.")
     if world > 1:
         x, y = x[rank::world], y[rank::world]
-    if train_data is not None:
-        tx, ty = train_data
-        if world > 1:
-            tx, ty = tx[rank::world], ty[rank::world]
-        train_data = (tx, ty)
-        kwargs["bn_batches"] = math.ceil(len(tx) / bn_batch_size)
-    result = evaluate_path(path, net, (x, y), train_data=train_data, bn_batch_size=bn_batch_size, **kwargs)
+    result = evaluate_path(path, net, (x, y), **kwargs)
     if world == 1:
         return result
     n = float(len(y))
@@ -185,12 +184,13 @@ class PathModule(LMCModule):
         if bn_batches < 1 or bn_batch_size < 1 or eval_batch_size < 1:
             raise ValueError("bn_batches, bn_batch_size and eval_batch_size must be >= 1, got "
                              f"{bn_batches}, {bn_batch_size}, {eval_batch_size}.")
+        check_eval_settings(precision, strategy)
         self.num_points = num_points
         self.bn = bn
         self.bn_batches = bn_batches
         self.bn_batch_size = bn_batch_size
         self.eval_batch_size = eval_batch_size
-        self.eval_precision = precision
+        self.eval_precision = str(precision)
         self.eval_strategy = strategy
         self.net_name = net
         self.net_kwargs = dict(net_kwargs or {})
@@ -323,13 +323,12 @@ class PathModule(LMCModule):
         if self.path is None:
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
         dm = self._datamodule()
-        train = None
-        if self.bn is not None:
-            train = seeded_subset(dm.split_tensors("train"), self.bn_batches * self.bn_batch_size)
+        train = dm.split_tensors("train") if self.bn is not None else None
         return evaluate_on_ranks(
-            self.path, self.net, dm.split_tensors(split), self.trainer, train_data=train,
-            bn_batch_size=self.bn_batch_size, coords=self.eval_coords(), bn=self.bn, batch_size=self.eval_batch_size,
-            device=self.device, precision=self.eval_precision, strategy=self.eval_strategy,
+            self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
+            train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
+            batch_size=self.eval_batch_size, device=self.device, precision=self.eval_precision,
+            strategy=self.eval_strategy,
         )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

@@ -143,23 +143,29 @@ class ControlPath(Path):
             if self.num_free:
                 self._free(key).copy_(self.linear_free(key))
 
-    def _combine(self, key: str, coef: Tensor) -> Tensor:
-        """``coef @ control_points(key)`` without materialising the stacked control points; ``coef`` is ``[P, n]``."""
-        fixed, free = self._fixed(key), self._free(key)
-        coef = coef.to(fixed.dtype)
-        out = torch.tensordot(coef[:, self.fixed_index], fixed, dims=1)
+    def _split(self, coef: Tensor) -> tuple[Tensor, Tensor]:
+        """Columns of ``coef`` ``[P, n]`` for the fixed and the free points, in the dtype of the control points."""
+        dtype = self._fixed(self.float_keys[0]).dtype
+        fixed = torch.as_tensor(self.fixed_index, device=coef.device)
+        free = torch.as_tensor(self.free_index, device=coef.device, dtype=torch.long)
+        return coef.index_select(1, fixed).to(dtype), coef.index_select(1, free).to(dtype)
+
+    def _combine(self, key: str, coef_fixed: Tensor, coef_free: Tensor) -> Tensor:
+        """``[P, *shape]`` weights of ``key`` from the split coefficients, without stacking the control points."""
+        fixed = self._fixed(key)
+        out = coef_fixed @ fixed.flatten(1)
         if self.num_free:
-            out = out + torch.tensordot(coef[:, self.free_index], free, dims=1)
-        return out
+            out = torch.addmm(out, coef_free, self._free(key).flatten(1))
+        return out.view(-1, *fixed.shape[1:])
 
     def stacked(self, coords) -> WeightDict:
         """Weights at many points at once, ``{key: [P, *shape]}`` (see :meth:`Path.stacked`)."""
         c = self._coords(coords)
-        coef = self.coefficients(c)
+        coef = self._split(self.coefficients(c))
         out: WeightDict = {}
         for key in self.keys_:
             if key in self.float_keys:
-                out[key] = self._combine(key, coef)
+                out[key] = self._combine(key, *coef)
             else:
                 buf = getattr(self.other_store, _slot(key))
                 out[key] = buf.unsqueeze(0).expand(c.shape[0], *buf.shape)
@@ -169,11 +175,11 @@ class ControlPath(Path):
         """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
         if len(coords) != self.dim:
             raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
-        coef = self.coefficients(self._coords([float(x) for x in coords]))
+        coef = self._split(self.coefficients(self._coords([float(x) for x in coords])))
         out: WeightDict = {}
         for key in self.keys_:
             if key in self.float_keys:
-                out[key] = self._combine(key, coef)[0]
+                out[key] = self._combine(key, *coef)[0]
             else:
                 out[key] = getattr(self.other_store, _slot(key))
         return out

@@ -116,7 +116,7 @@ class PathResult:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow([*(["t"] if self.dim == 1 else ["u", "v"]), "loss", "accuracy"])
-        for c, lo, acc in zip(self.coords, self.loss, self.accuracy):
+        for c, lo, acc in zip(self.coords, self.loss, self.accuracy, strict=True):
             writer.writerow([*(repr(float(x)) for x in c), repr(float(lo)), repr(float(acc))])
         return atomic_write_text(path, buf.getvalue())
 

@@ -109,7 +109,7 @@ def write_tinyimagenet(root: Path, train_per_class: int = 2, val_per_class: int 
             "".join(f"{w}_{k}.JPEG\t0\t0\t63\t63\n" for k in range(train_per_class)))
     (folder / "val" / "images").mkdir(parents=True)
     lines = []
-    for k in range(val_per_class):
+    for _ in range(val_per_class):
         for w in wnids:
             name = f"val_{len(lines)}.JPEG"
             Image.new("RGB", (64, 64), (label[w] + 1,) * 3).save(folder / "val" / "images" / name, quality=95)

@@ -1,0 +1,238 @@
+"""InterpolationBarrier: measure the linear-interpolation barrier while a network trains."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lmc_lightning.checkpoint import check_state_matches, load_weights
+from lmc_lightning.modules.path import BNMode, check_eval_settings, evaluate_on_ranks, seeded_subset, summary_metrics
+from lmc_lightning.weights.paths import Linear
+
+Split = Literal["auto", "val", "test"]
+
+
+class InterpolationBarrier(Callback):
+    """Measure the barrier on the line between the network being trained and a reference, during ``fit``.
+
+    The path runs from the trained network (``pl_module.net``, ``t = 0``) to the reference (``t = 1``):
+
+    * ``"init"``: the network's own weights when fit started (restored from the checkpoint on resume);
+    * ``"twin"``: the other network of a :class:`~lmc_lightning.modules.pair.PairModule` (``pl_module.net_b``);
+    * a checkpoint path: fixed weights (``reference_prefix`` names the network inside a Lightning checkpoint).
+
+    Each measurement evaluates ``num_points`` points on (at most ``max_eval_samples`` samples of) the chosen split
+    and logs ``barrier/loss``, ``barrier/accuracy``, ``barrier/loss_mean`` and ``barrier/accuracy_mean`` to every
+    logger at the current step (and into ``trainer.callback_metrics``, so a checkpoint callback may monitor them).
+    Under DDP every rank evaluates its slice and the sums are all-reduced.
+
+    Args:
+        reference: ``"init"``, ``"twin"`` or a checkpoint file.
+        every_n_epochs: Measure at the end of every n-th training epoch; ``None``: not by epochs.
+        every_fraction: Also measure every ``every_fraction`` of training (in optimiser steps, e.g. 0.1: ten times);
+            ``None``: not by fraction. A step is measured at most once.
+        at_start: Also measure before the first training step.
+        num_points: Points on ``t`` in [0, 1], endpoints included.
+        bn: BatchNorm statistics at every point: ``"reset"`` (on training data), ``"repair"``, ``"rescale"`` or
+            ``None`` (the interpolated running statistics).
+        bn_batches: Batches of training data for the BN statistics.
+        bn_batch_size: Batch size of the BN statistics pass.
+        max_eval_samples: Evaluate on at most this many samples of the split (a fixed seeded subset); ``None``: all.
+        split: ``"val"``, ``"test"``, or ``"auto"`` (val when the datamodule has one, else test).
+        reference_prefix: Network submodule inside a reference Lightning checkpoint.
+        eval_batch_size: Batch size of the evaluation pass.
+        precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
+        strategy: Evaluation strategy (``"auto"``, ``"loop"``, ``"vmap"``).
+        log_prefix: Prefix of the logged names (use distinct ones for several barrier callbacks).
+        seed: Seed of the evaluation and BN subsets.
+    """
+
+    def __init__(
+        self,
+        reference: str = "init",
+        every_n_epochs: int | None = 1,
+        every_fraction: float | None = None,
+        at_start: bool = False,
+        num_points: int = 11,
+        bn: BNMode | None = None,
+        bn_batches: int = 20,
+        bn_batch_size: int = 500,
+        max_eval_samples: int | None = 10_000,
+        split: Split = "auto",
+        reference_prefix: str = "net",
+        eval_batch_size: int = 1000,
+        precision: str = "auto",
+        strategy: str = "auto",
+        log_prefix: str = "barrier",
+        seed: int = 0,
+    ) -> None:
+        if reference not in ("init", "twin") and not os.path.isfile(reference):
+            raise ValueError(f"reference must be 'init', 'twin' or an existing checkpoint file; {reference!r} is "
+                             "neither (check the path).")
+        if every_n_epochs is None and every_fraction is None and not at_start:
+            raise ValueError("Nothing would be measured: set every_n_epochs, every_fraction or at_start.")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}.")
+        if every_fraction is not None and not 0 < every_fraction <= 1:
+            raise ValueError(f"every_fraction must lie in (0, 1] (e.g. 0.1 for every 10% of training), "
+                             f"got {every_fraction}.")
+        if num_points < 2:
+            raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
+        if bn is not None and bn not in ("reset", "repair", "rescale"):
+            raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+        if bn_batches < 1 or bn_batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("bn_batches, bn_batch_size and eval_batch_size must be >= 1.")
+        if max_eval_samples is not None and max_eval_samples < 1:
+            raise ValueError(f"max_eval_samples must be >= 1 or None, got {max_eval_samples}.")
+        check_eval_settings(precision, strategy)
+        if split not in ("auto", "val", "test"):
+            raise ValueError(f"split must be 'auto', 'val' or 'test', got {split!r}.")
+        self.reference = reference
+        self.every_n_epochs = every_n_epochs
+        self.every_fraction = every_fraction
+        self.at_start = at_start
+        self.num_points = num_points
+        self.bn = bn
+        self.bn_batches = bn_batches
+        self.bn_batch_size = bn_batch_size
+        self.max_eval_samples = max_eval_samples
+        self.split = split
+        self.reference_prefix = reference_prefix
+        self.eval_batch_size = eval_batch_size
+        self.precision = str(precision)
+        self.strategy = strategy
+        self.log_prefix = log_prefix
+        self.seed = seed
+        self.last_step = -1
+        self.history: list[dict[str, float]] = []
+        self.init_weights: dict[str, Tensor] | None = None
+        self._fixed: dict[str, Tensor] | None = None
+        self._targets: set[int] = set()
+        self._data: tuple[Tensor, Tensor] | None = None
+        self._train: tuple[Tensor, Tensor] | None = None
+        self._template: nn.Module | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(reference=self.reference, log_prefix=self.log_prefix)
+
+    # Setup ----------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _net(pl_module: LightningModule, name: str = "net") -> nn.Module:
+        net = getattr(pl_module, name, None)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"InterpolationBarrier needs pl_module.{name} (a network); {type(pl_module).__name__} "
+                             f"has none{' (reference=twin needs a PairModule)' if name == 'net_b' else ''}.")
+        return net
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the module and load a checkpoint reference (fit only)."""
+        if stage != "fit":
+            return
+        net = self._net(pl_module)
+        if self.reference == "twin":
+            self._net(pl_module, "net_b")
+        elif self.reference != "init" and self._fixed is None:
+            state, _ = load_weights(self.reference, self.reference_prefix)
+            check_state_matches(net, state, source=f"reference {self.reference}")
+            self._fixed = state
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "split_tensors"):
+            raise ValueError("InterpolationBarrier needs an lmc_lightning datamodule (with split_tensors()).")
+
+    def _eval_split(self, dm: Any) -> tuple[Tensor, Tensor]:
+        if self.split != "auto":
+            return dm.split_tensors(self.split)
+        try:
+            return dm.split_tensors("val")
+        except ValueError:
+            rank_zero_info("InterpolationBarrier: no validation split, measuring on the test split.")
+            return dm.split_tensors("test")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Capture the initial weights (unless restored), the evaluation data and the measurement steps."""
+        net = self._net(pl_module)
+        if self.reference == "init" and self.init_weights is None:
+            if trainer.global_step > 0:
+                rank_zero_warn("InterpolationBarrier: resuming without the initial weights in the checkpoint; "
+                               "the reference is the weights at the resume point instead.")
+            self.init_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        dm = trainer.datamodule
+        self._data = seeded_subset(self._eval_split(dm), self.max_eval_samples, seed=self.seed)
+        if self.bn is not None:
+            self._train = seeded_subset(dm.split_tensors("train"), self.bn_batches * self.bn_batch_size,
+                                        seed=self.seed)
+        self._template = copy.deepcopy(net).eval().requires_grad_(False)
+        self._targets = set()
+        if self.every_fraction is not None:
+            total = int(trainer.estimated_stepping_batches)
+            count = int(math.floor(1 / self.every_fraction + 1e-9))
+            self._targets = {max(1, round(k * self.every_fraction * total)) for k in range(1, count + 1)}
+
+    # Measurement ----------------------------------------------------------------------------------------------------
+
+    def _reference_weights(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        if self.reference == "twin":
+            return dict(self._net(pl_module, "net_b").state_dict())
+        if self.reference == "init":
+            return self.init_weights
+        return self._fixed
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Evaluate the barrier now and log it (all ranks must call this together)."""
+        device = pl_module.device
+        theta = {k: v.detach().clone() for k, v in self._net(pl_module).state_dict().items()}
+        ref = {k: v.detach().to(device, copy=True) for k, v in self._reference_weights(pl_module).items()}
+        ref = {k: ref[k] for k in theta}
+        coords = torch.linspace(0, 1, self.num_points, dtype=torch.float64)[:, None]
+        result = evaluate_on_ranks(
+            Linear(theta, ref), self._template, self._data, trainer, coords=coords, bn=self.bn,
+            train_data=self._train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
+            batch_size=self.eval_batch_size, device=device, precision=self.precision, strategy=self.strategy,
+        )
+        metrics = summary_metrics(result, self.log_prefix)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        self.history.append({"step": step, "epoch": trainer.current_epoch, **metrics})
+        self.last_step = step
+        rank_zero_info(f"InterpolationBarrier ({self.reference}) step {step}: loss barrier "
+                       f"{metrics[f'{self.log_prefix}/loss']:.4f}, accuracy barrier "
+                       f"{metrics[f'{self.log_prefix}/accuracy']:.4f}")
+        return metrics
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0 and self.last_step < 0:
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step in self._targets and step > self.last_step:
+            self.measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        n = self.every_n_epochs
+        if n is not None and (trainer.current_epoch + 1) % n == 0 and trainer.global_step > self.last_step:
+            self.measure(trainer, pl_module)
+
+    # Resume ---------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "history": [dict(h) for h in self.history],
+                "init_weights": self.init_weights}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = int(state_dict.get("last_step", -1))
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        if state_dict.get("init_weights") is not None:
+            self.init_weights = dict(state_dict["init_weights"])

@@ -1,0 +1,291 @@
+"""Evaluate a path (or surface) of weights at many points: one evaluator for every path type.
+
+Fast by construction: the test data and the statistics batches move to the device once for all points; on CUDA,
+conv nets run under bf16 autocast with channels_last; and points are either evaluated one after another on a private
+copy of the net (``"loop"``: weights copied in place, plain module forward) or batched with ``torch.func.vmap`` over
+weights stacked along a leading dim (``"vmap"``). Measured on an H100, vmap made an MLP 2.7x faster than the loop but
+ResNet-20x4 0.73x, so ``strategy="auto"`` uses vmap only for nets without conv layers and with at most
+:data:`VMAP_MAX_PARAMS` parameters. In fp32 both strategies equal a plain per-point loop to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.conv import _ConvNd
+from torch.utils.data import DataLoader, Dataset
+
+from lmc_lightning.weights import renorm
+from lmc_lightning.weights.paths import Path, check_compatible
+from lmc_lightning.weights.result import PathResult
+
+VMAP_MAX_PARAMS = 20_000_000
+"""``strategy="auto"`` picks vmap for nets without conv layers up to this many parameters (else the loop)."""
+
+STATS_SEED = 0
+"""Seed of the random subset of training samples used for statistics (BN reset, REPAIR, RESCALE)."""
+
+BNMode = Literal["reset", "repair", "rescale"]
+_PRECISIONS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
+
+
+def _tensors(data: Any, split: str, what: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from a pair of tensors, a datamodule with ``split_tensors``, or a map-style Dataset."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
+        x, y = data
+    elif hasattr(data, "split_tensors"):
+        x, y = data.split_tensors(split)
+    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        xs, ys = zip(*DataLoader(data, batch_size=1024, shuffle=False), strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
+    else:
+        raise TypeError(
+            f"{what} must be an (x, y) pair of tensors, a Dataset, or a datamodule with split_tensors(split); "
+            f"got {type(data).__name__}."
+        )
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{what}: got {len(x)} inputs and {len(y)} labels; need the same, non-zero number.")
+    return x, y
+
+
+def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
+    """``[P, dim]`` float64 coordinates: given ones, or a linspace (curves) / grid (surfaces) on ``[0, 1]``."""
+    if coords is not None:
+        c = torch.as_tensor(coords, dtype=torch.float64).cpu()
+        c = c.reshape(-1, 1) if c.dim() <= 1 and path.dim == 1 else c
+        if c.dim() != 2 or c.shape[1] != path.dim or len(c) == 0:
+            raise ValueError(f"coords must be [P, {path.dim}] for a {path.dim}-D path, got shape {tuple(c.shape)}.")
+        return c
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}.")
+    lin = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    if path.dim == 1:
+        return lin[:, None]
+    if path.dim == 2:
+        return torch.cartesian_prod(lin, lin)
+    raise ValueError(f"Only curves (dim 1) and surfaces (dim 2) are supported, got dim {path.dim}.")
+
+
+def _stats_batches(x: Tensor, batches: int, batch_size: int) -> list[Tensor]:
+    """``batches`` batches of ``batch_size`` from a seeded random subset (all of ``x``, in order, if it is smaller)."""
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"bn_batches and bn_batch_size must be >= 1, got {batches} and {batch_size}.")
+    need = batches * batch_size
+    if len(x) > need:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(STATS_SEED))[:need]]
+    return list(x.split(batch_size))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(iter(module.state_dict().values()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def choose_strategy(net: nn.Module) -> str:
+    """What ``strategy="auto"`` picks for ``net``: ``"vmap"`` or ``"loop"`` (see the module docstring)."""
+    has_conv = any(isinstance(m, _ConvNd) for m in net.modules())
+    size = sum(p.numel() for p in net.parameters())
+    return "vmap" if not has_conv and size <= VMAP_MAX_PARAMS else "loop"
+
+
+def _materialize(net: nn.Module, sites: Sequence[renorm.Site]) -> dict[str, Tensor]:
+    """Give site modules without bias (or affine) zero/one parameters, so fused REPAIR weights can be loaded.
+
+    Returns:
+        The added entries with their neutral values, to be restored before each point.
+    """
+    ref = next(iter(net.parameters()))
+    added = {}
+    for site in sites:
+        mod = net.get_submodule(site.name)
+        if site.kind != "layer" and mod.weight is None:
+            shape = getattr(mod, "normalized_shape", None) or (
+                getattr(mod, "num_features", None) or getattr(mod, "num_channels", None),
+            )
+            mod.weight = nn.Parameter(ref.new_ones(tuple(shape)), requires_grad=False)
+            added[f"{site.name}.weight"] = mod.weight.detach().clone()
+        if mod.bias is None:
+            mod.bias = nn.Parameter(ref.new_zeros(mod.weight.shape[:1] if site.kind == "layer" else mod.weight.shape),
+                                    requires_grad=False)
+            added[f"{site.name}.bias"] = mod.bias.detach().clone()
+    return added
+
+
+def _load(state: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
+    """Copy a weight dict into a module's own tensors (skipping tensors that already are them)."""
+    for key, value in weights.items():
+        dst = state[key]
+        if dst.data_ptr() != value.data_ptr():
+            dst.copy_(value)
+
+
+class _Evaluator:
+    """Per-point loss sums and correct counts over device-resident test batches."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]], num_points: int, device: torch.device) -> None:
+        self.batches = batches
+        self.loss = torch.zeros(num_points, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(num_points, dtype=torch.long, device=device)
+
+    def add(self, logits: Tensor, y: Tensor, index: int | slice) -> None:
+        """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice."""
+        if logits.dim() == 2:
+            self.loss[index] += F.cross_entropy(logits.float(), y, reduction="sum")
+            self.correct[index] += (logits.argmax(-1) == y).sum()
+            return
+        c, b, k = logits.shape
+        losses = F.cross_entropy(logits.float().reshape(c * b, k), y.repeat(c), reduction="none")
+        self.loss[index] += losses.view(c, b).sum(1)
+        self.correct[index] += (logits.argmax(-1) == y).sum(1)
+
+
+def _run_loop(work, path, coords, ev, stats, bn, sites, endpoint_stats, defaults) -> None:
+    state = dict(work.state_dict())
+    for i, c in enumerate(coords.tolist()):
+        _load(state, {**defaults, **path(*c)})
+        if bn == "reset":
+            renorm.reset_bn(work, stats, sync=False)
+        elif bn is not None:
+            fused = renorm.renormalize(work, None, None, None, c[0], stats, bn, sites=sites,
+                                       endpoint_stats=endpoint_stats, sync=False)
+            _load(state, fused)
+        for x, y in ev.batches:
+            ev.add(work(x), y, i)
+
+
+def _run_vmap(work, path, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
+    batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
+    for start in range(0, len(coords), chunk_size):
+        chunk = coords[start : start + chunk_size]
+        w = path.stacked(chunk)
+        if bn == "reset":
+            w = renorm.reset_bn(work, stats, w, stacked=True, sync=False)
+        elif bn is not None:
+            w = renorm.renormalize(work, None, None, w, chunk[:, 0], stats, bn, stacked=True, sites=sites,
+                                   endpoint_stats=endpoint_stats, sync=False)
+        for x, y in ev.batches:
+            ev.add(batched(w, x), y, slice(start, start + len(chunk)))
+
+
+def evaluate_path(
+    path: Path,
+    net: nn.Module,
+    data: Any,
+    *,
+    num_points: int = 21,
+    coords: Sequence[float] | Sequence[Sequence[float]] | Tensor | None = None,
+    bn: BNMode | None = None,
+    train_data: Any = None,
+    bn_batches: int = 20,
+    bn_batch_size: int = 500,
+    batch_size: int = 1000,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> PathResult:
+    """Loss and accuracy of ``net`` with the weights of ``path`` at many points.
+
+    Args:
+        path: A :class:`~lmc_lightning.weights.paths.Path` over full state dicts of ``net``. Not modified.
+        net: The architecture (a private copy is evaluated; ``net`` is not modified).
+        data: Test data: an ``(x, y)`` pair of tensors, a Dataset, or a datamodule with ``split_tensors`` (its
+            ``"test"`` split; its ``"train"`` split serves for statistics when ``train_data`` is None).
+        num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
+            ``num_points x num_points`` grid for surfaces.
+        coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
+        bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"repair"`` or ``"rescale"``
+            (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
+        train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule).
+        bn_batches: Number of statistics batches.
+        bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
+        batch_size: Evaluation batch size (per point).
+        device: Default: CUDA when available, else CPU.
+        precision: ``"auto"`` (bf16 autocast and channels_last for conv nets on CUDA, else fp32), ``"32"``
+            (fp32 everywhere) or ``"bf16"`` (bf16 autocast on any device).
+        strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (:func:`choose_strategy`).
+        chunk_size: Points per vmap call (default: all points at once).
+
+    Returns:
+        A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
+    """
+    start_time = time.perf_counter()
+    if bn not in (None, "reset", "repair", "rescale"):
+        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if strategy not in ("auto", "loop", "vmap"):
+        raise ValueError(f"strategy must be 'auto', 'loop' or 'vmap', got {strategy!r}.")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
+    if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}.")
+    if bn in ("repair", "rescale") and path.dim != 1:
+        raise ValueError(f"bn={bn!r} interpolates the endpoints' statistics along a curve; this path has dim "
+                         f"{path.dim}. Use bn='reset' or None for surfaces.")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    pts = _coords(path, num_points, coords)
+
+    x_test, y_test = _tensors(data, "test", "data")
+    stats_x = None
+    if bn is not None:
+        if train_data is None and not hasattr(data, "split_tensors"):
+            raise ValueError(f"bn={bn!r} needs training data for statistics: pass train_data=(x, y) (or a "
+                             "Dataset / datamodule), or pass a datamodule as data.")
+        stats_x = _tensors(train_data if train_data is not None else data, "train", "train_data")[0]
+
+    work = copy.deepcopy(net).to(device).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    check_compatible(dict(work.state_dict()), path.endpoint(0), names=["net", "path"])
+    if bn == "reset" and not renorm.batchnorms(work):
+        raise ValueError(f"bn='reset' needs BatchNorm layers with running statistics; {type(net).__name__} has none. "
+                         "Use bn=None, or 'repair'/'rescale' for nets without BatchNorm.")
+    has_conv = any(isinstance(m, _ConvNd) for m in work.modules())
+    mode = _PRECISIONS[precision]
+    bf16 = mode == "bf16" or (mode == "auto" and device.type == "cuda" and has_conv)
+    channels_last = bf16 and has_conv and device.type == "cuda"
+    chosen = choose_strategy(work) if strategy == "auto" else strategy
+
+    def to_device(x: Tensor) -> Tensor:
+        x = x.to(device, dtype=torch.bfloat16 if bf16 and x.is_floating_point() else None, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)
+    x_dev, y_dev = to_device(x_test), y_test.to(device)
+    test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
+    stats = [to_device(b) for b in _stats_batches(stats_x, bn_batches, bn_batch_size)] if bn is not None else None
+    path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
+    ev = _Evaluator(test_batches, len(pts), device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    with torch.no_grad(), autocast:
+        sites, endpoint_stats, defaults = None, None, {}
+        if bn in ("repair", "rescale"):
+            theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
+            sites = renorm.find_sites(work, stats[0][:2], theta_a)
+            if not sites:
+                raise ValueError(f"bn={bn!r}: {type(net).__name__} has no hidden conv/linear layer to renormalise.")
+            endpoint_stats = tuple(renorm.site_statistics(work, stats, th, sites=sites, sync=False)
+                                   for th in (theta_a, theta_b))
+            if chosen == "loop":
+                defaults = _materialize(work, sites)
+        if chosen == "loop":
+            _run_loop(work, path_dev, pts, ev, stats, bn, sites, endpoint_stats, defaults)
+        else:
+            _run_vmap(work, path_dev, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
+    n = len(y_test)
+    loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
+    meta = {
+        "bn": bn, "strategy": chosen, "precision": "bf16" if bf16 else "32", "channels_last": channels_last,
+        "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
+        "seconds": time.perf_counter() - start_time,
+    }
+    return PathResult(pts.numpy(), loss, acc, meta)

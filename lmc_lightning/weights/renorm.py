@@ -1,0 +1,484 @@
+"""Statistics along paths: BatchNorm reset, REPAIR and RESCALE, as maps from weight dict to weight dict.
+
+Every statistic is accumulated as sums (sample count, per-channel sum and sum of squares, in float64), all-reduced
+with ``torch.distributed`` when it is initialised (so each rank may pass its own share of the data and the result is
+exact), and only then turned into means and variances.
+
+* :func:`reset_bn` recomputes BatchNorm running statistics: the exact mean and (unbiased) variance of every BN
+  layer's input over the given batches, with each BN normalising by its batch statistics on the way (train-mode
+  forward, as ``momentum=None`` does), written in place with ``copy_`` (module) or into a new weight dict.
+* :func:`renormalize` applies REPAIR (Jordan et al., 2022) or RESCALE (Qu & Horvath, "Rethink model re-basin and the
+  linear mode connectivity", 2024) to an interpolated net: the per-channel output statistics of every pre-activation
+  *site* are corrected towards the interpolation of the endpoints' statistics, ``(1 - t) * stat_a + t * stat_b``.
+  REPAIR matches mean and standard deviation; RESCALE matches only the standard deviation and keeps the channel's
+  own mean. A site is a conv/linear layer's output, or the output of the normalisation layer (BatchNorm, GroupNorm,
+  LayerNorm, InstanceNorm) that directly consumes it; the net's final layer (the logits) is left alone. The
+  correction ``y -> a * y + b`` is fused into the site's weight and bias (the norm's affine parameters). A layer built
+  without bias gets a ``<layer>.bias`` entry in the returned dict, which ``torch.func.functional_call`` accepts.
+
+Corrections are found in one pass per point, as in Jordan et al.: during the pass every BN layer normalises with its
+batch statistics and every site is renormalised with its batch statistics, so later layers see already corrected
+inputs; the pooled statistics of the pass give the fused correction. With a single statistics batch the pass is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+WeightDict = dict[str, Tensor]
+Stats = dict[str, tuple[Tensor, Tensor]]
+Mode = Literal["repair", "rescale"]
+
+NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm)
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place whose per-channel output statistics REPAIR/RESCALE correct.
+
+    Attributes:
+        name: Module whose output is corrected (and into whose weight/bias the correction is fused).
+        layer: The conv/linear layer producing the pre-activation.
+        kind: ``"batchnorm"`` (BN with running statistics), ``"norm"`` (other normalisation) or ``"layer"``.
+    """
+
+    name: str
+    layer: str
+    kind: str
+
+
+def batchnorms(net: nn.Module) -> dict[str, _BatchNorm]:
+    """BatchNorm layers that keep running statistics, by module name."""
+    return {
+        n: m
+        for n, m in net.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    }
+
+
+def _as_batches(batches: Tensor | Iterable) -> list[Tensor]:
+    """A list of input tensors from a tensor, a sequence of tensors, or an iterable of ``(x, y)`` batches."""
+    if isinstance(batches, Tensor):
+        return [batches]
+    out = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not out or not all(isinstance(b, Tensor) for b in out):
+        raise ValueError("batches must be a non-empty sequence of input tensors (or of (x, y) pairs).")
+    return out
+
+
+def _first(weights: Mapping[str, Tensor] | None, stacked: bool) -> WeightDict | None:
+    if weights is None or not stacked:
+        return None if weights is None else dict(weights)
+    return {k: v[0] for k, v in weights.items()}
+
+
+def _forward(net: nn.Module, weights: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
+    return net(x) if weights is None else functional_call(net, dict(weights), (x,))
+
+
+class _EvalMode:
+    """Puts a net in eval mode and restores every module's flag afterwards."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        return self.net
+
+    def __exit__(self, *exc) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | None = None) -> list[Site]:
+    """Trace one forward pass and list the REPAIR sites in execution order.
+
+    Args:
+        net: The network.
+        example: A small input batch (two samples are enough).
+        weights: Optional weight dict for ``functional_call``.
+
+    Returns:
+        One :class:`Site` per conv/linear layer except the last one executed (the output layer).
+    """
+    outputs: list[tuple[str, Tensor]] = []
+    norm_inputs: list[tuple[str, Tensor]] = []
+    handles = []
+    for name, m in net.named_modules():
+        if isinstance(m, LAYER_TYPES):
+            handles.append(m.register_forward_hook(lambda mod, a, out, name=name: outputs.append((name, out))))
+        elif isinstance(m, NORM_TYPES):
+            handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: norm_inputs.append((name, a[0]))))
+    try:
+        with torch.no_grad(), _EvalMode(net):
+            _forward(net, weights, example)
+    finally:
+        for h in handles:
+            h.remove()
+    if not outputs:
+        return []
+    bns = batchnorms(net)
+    last = outputs[-1][0]
+    sites, seen = [], set()
+    for name, out in outputs:
+        if name == last or name in seen:
+            continue
+        seen.add(name)
+        norm = next((n for n, inp in norm_inputs if inp is out), None)
+        if norm is None:
+            sites.append(Site(name, name, "layer"))
+        else:
+            sites.append(Site(norm, name, "batchnorm" if norm in bns else "norm"))
+    return sites
+
+
+class _Pass:
+    """Forward hooks that sum per-channel statistics of BN inputs and site outputs, optionally correcting sites.
+
+    Inside the context the net is in eval mode except the listed BN layers, which normalise by batch statistics
+    without touching their buffers (``training=True, track_running_stats=False``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        bn_inputs: Iterable[str] = (),
+        sites: Iterable[Site] = (),
+        mode: Mode | None = None,
+        eps: float = EPS,
+    ) -> None:
+        self.net, self.bn_names, self.sites, self.mode, self.eps = net, list(bn_inputs), list(sites), mode, eps
+        self.records: dict[str, tuple[Tensor, Tensor]] = {}
+        self.counts: dict[str, int] = {}
+        self.goal: Stats = {}
+
+    def __enter__(self) -> _Pass:
+        self._flags = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        self._handles, self._tracking = [], []
+        for name in self.bn_names:
+            m = self.net.get_submodule(name)
+            self._tracking.append((m, m.track_running_stats))
+            m.training, m.track_running_stats = True, False
+            self._handles.append(m.register_forward_pre_hook(partial(self._bn_hook, name)))
+        for site in self.sites:
+            m = self.net.get_submodule(site.name)
+            self._handles.append(m.register_forward_hook(partial(self._site_hook, site.name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for m, track in self._tracking:
+            m.track_running_stats = track
+        for m, flag in self._flags:
+            m.training = flag
+
+    def _record(self, key: str, y: Tensor) -> tuple[Tensor, Tensor]:
+        if y.dim() < 2:
+            raise ValueError(f"Cannot take per-channel statistics of a {y.dim()}-D output at '{key}'.")
+        var, mean = torch.var_mean(y.float(), dim=[0, *range(2, y.dim())], correction=0)
+        n = y.numel() // y.shape[1]
+        self.counts[key] = n
+        m64 = mean.double()
+        self.records[key] = (m64 * n, (var.double() + m64 * m64) * n)
+        return mean, var
+
+    def _bn_hook(self, name: str, module: nn.Module, args: tuple) -> None:
+        self._record(f"in:{name}", args[0])
+
+    def _site_hook(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        mean, var = self._record(f"out:{name}", out)
+        if self.mode is None:
+            return None
+        goal_mean, goal_std = self.goal[name]
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        scale = goal_std / torch.sqrt(var + self.eps)
+        shift = goal_mean if self.mode == "repair" else mean
+        return ((out.float() - mean.view(shape)) * scale.view(shape) + shift.view(shape)).to(out.dtype)
+
+    def run(
+        self,
+        batches: Sequence[Tensor],
+        weights: Mapping[str, Tensor] | None = None,
+        stacked: bool = False,
+        goal: Stats | None = None,
+    ) -> tuple[dict[str, int], dict[str, tuple[Tensor, Tensor]]]:
+        """Forward every batch; returns summed counts and (sum, sum of squares) per record key."""
+        if stacked and weights is None:
+            raise ValueError("stacked=True needs a stacked weight dict.")
+        goal = goal or {}
+
+        def call(w, g, x):
+            self.goal, self.records = g, {}
+            _forward(self.net, w, x)
+            out, self.records, self.goal = self.records, {}, {}
+            return out
+
+        fn = vmap(call, in_dims=(0, 0 if goal else None, None)) if stacked else call
+        counts: dict[str, int] = {}
+        sums: dict[str, tuple[Tensor, Tensor]] = {}
+        for x in batches:
+            rec = fn(weights, goal, x)
+            for key, (s, ss) in rec.items():
+                counts[key] = counts.get(key, 0) + self.counts[key]
+                prev = sums.get(key)
+                sums[key] = (s, ss) if prev is None else (prev[0] + s, prev[1] + ss)
+        return counts, sums
+
+
+def _should_sync(sync: bool | None) -> bool:
+    if sync is None:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return sync
+
+
+def _reduce(
+    counts: dict[str, int], sums: dict[str, tuple[Tensor, Tensor]], sync: bool | None
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """``{key: (count, sum, sum of squares)}``, summed over ranks when syncing (one all-reduce for all)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    ref = sums[keys[0]][0]
+    parts = [(ref.new_full((), float(counts[k])), *sums[k]) for k in keys]
+    if _should_sync(sync):
+        flat = torch.cat([t.reshape(-1) for p in parts for t in p])
+        dist.all_reduce(flat)
+        out, i = [], 0
+        for p in parts:
+            new = []
+            for t in p:
+                new.append(flat[i : i + t.numel()].view_as(t))
+                i += t.numel()
+            out.append(tuple(new))
+        parts = out
+    return dict(zip(keys, parts, strict=True))
+
+
+def _moments(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, biased and unbiased variance from count, sum and sum of squares (float64)."""
+    mean = s / n
+    var = (ss / n - mean * mean).clamp_min(0)
+    return mean, var, var * (n / (n - 1).clamp_min(1))
+
+
+def _bn_statistics(net: nn.Module, totals: dict) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    return {name: _moments(*totals[f"in:{name}"]) for name in batchnorms(net) if f"in:{name}" in totals}
+
+
+def _write_bn(net: nn.Module, weights: Mapping[str, Tensor] | None, stats: dict) -> WeightDict:
+    """Running statistics into the module's buffers (``copy_``, when ``weights`` is None) or into a new dict."""
+    if weights is None:
+        for name, (mean, _, var) in stats.items():
+            bn = net.get_submodule(name)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        return dict(net.state_dict())
+    out = dict(weights)
+    for name, (mean, _, var) in stats.items():
+        for key, value in ((f"{name}.running_mean", mean), (f"{name}.running_var", var)):
+            ref = weights.get(key)
+            out[key] = value.to(ref.dtype if ref is not None else torch.float32)
+    return out
+
+
+def reset_bn(
+    net: nn.Module,
+    batches: Tensor | Iterable,
+    weights: Mapping[str, Tensor] | None = None,
+    *,
+    stacked: bool = False,
+    sync: bool | None = None,
+) -> WeightDict:
+    """Recompute the running mean and variance of every BatchNorm layer on ``batches``.
+
+    The statistics are the exact mean and unbiased variance of each BN layer's input over all batches (what a
+    train-mode pass with ``momentum=None`` gives for a single batch), summed across ranks under DDP.
+
+    Args:
+        net: The network; its BN buffers are overwritten in place when ``weights`` is None.
+        batches: Input tensors (or ``(x, y)`` pairs) on the net's device; under DDP each rank's share.
+        weights: Optional weight dict used through ``functional_call``; it is not modified.
+        stacked: ``weights`` hold ``P`` points along a leading dim (evaluated with ``torch.func.vmap``).
+        sync: All-reduce the sums across ranks; default: when ``torch.distributed`` is initialised.
+
+    Returns:
+        The weight dict with the new statistics (the module's ``state_dict()`` when ``weights`` is None).
+
+    Raises:
+        ValueError: If the net has no BatchNorm layer with running statistics.
+    """
+    bns = batchnorms(net)
+    if not bns:
+        raise ValueError(
+            f"{type(net).__name__} has no BatchNorm layer with running statistics, so there is nothing to reset. "
+            "Use bn=None, or 'repair'/'rescale' to renormalise a net without BatchNorm."
+        )
+    with torch.no_grad(), _Pass(net, bn_inputs=bns) as p:
+        counts, sums = p.run(_as_batches(batches), weights, stacked)
+    return _write_bn(net, weights, _bn_statistics(net, _reduce(counts, sums, sync)))
+
+
+def site_statistics(
+    net: nn.Module,
+    batches: Tensor | Iterable,
+    weights: Mapping[str, Tensor] | None = None,
+    *,
+    sites: Sequence[Site] | None = None,
+    stacked: bool = False,
+    eps: float = EPS,
+    sync: bool | None = None,
+) -> Stats:
+    """Per-channel mean and standard deviation ``sqrt(var + eps)`` of every site's output, net in eval mode.
+
+    Returns:
+        ``{site name: (mean [C], std [C])}`` (``[P, C]`` when stacked), float64.
+    """
+    batches = _as_batches(batches)
+    if sites is None:
+        sites = find_sites(net, batches[0][:2], _first(weights, stacked))
+    with torch.no_grad(), _Pass(net, sites=sites) as p:
+        counts, sums = p.run(batches, weights, stacked)
+    totals = _reduce(counts, sums, sync)
+    out = {}
+    for site in sites:
+        mean, var, _ = _moments(*totals[f"out:{site.name}"])
+        out[site.name] = (mean, torch.sqrt(var + eps))
+    return out
+
+
+def _affine(w: Mapping[str, Tensor], net: nn.Module, site: Site, lead: tuple[int, ...], c: int, like: Tensor):
+    """The (weight, bias) a correction is fused into, created as ones/zeros where the module has none."""
+    mod = net.get_submodule(site.name)
+    wkey, bkey = f"{site.name}.weight", f"{site.name}.bias"
+    if site.kind == "layer":
+        weight = w[wkey]
+        bias = w.get(bkey)
+        if bias is None:
+            bias = weight.new_zeros((*lead, c))
+        return weight, bias
+    if wkey in w:
+        shape = tuple(w[wkey].shape[len(lead) :])
+    else:
+        shape = tuple(getattr(mod, "normalized_shape", (c,)))
+    if shape[0] != c:
+        raise ValueError(
+            f"Cannot fold a per-channel correction into '{site.name}': its affine shape {shape} does not start "
+            f"with the {c} channels of its input."
+        )
+    weight = w[wkey] if wkey in w else like.new_ones((*lead, *shape), dtype=torch.float32)
+    bias = w[bkey] if bkey in w else like.new_zeros((*lead, *shape), dtype=torch.float32)
+    return weight, bias
+
+
+def _fuse(w: WeightDict, net: nn.Module, site: Site, scale: Tensor, shift: Tensor, stacked: bool) -> None:
+    """Fold ``y -> scale * y + shift`` (per channel) into the site's weight and bias, in the dict ``w``."""
+    lead = tuple(scale.shape[:1]) if stacked else ()
+    c = scale.shape[-1]
+    weight, bias = _affine(w, net, site, lead, c, scale)
+
+    def view(x: Tensor, ndim: int) -> Tensor:
+        return x.reshape(*lead, c, *[1] * (ndim - len(lead) - 1))
+
+    w[f"{site.name}.weight"] = (weight.double() * view(scale, weight.dim())).to(weight.dtype)
+    w[f"{site.name}.bias"] = (bias.double() * view(scale, bias.dim()) + view(shift, bias.dim())).to(bias.dtype)
+
+
+def _interpolate_goal(stats_a: Stats, stats_b: Stats, t: Tensor) -> Stats:
+    return {
+        name: ((1 - t) * stats_a[name][0] + t * stats_b[name][0], (1 - t) * stats_a[name][1] + t * stats_b[name][1])
+        for name in stats_a
+    }
+
+
+def renormalize(
+    net: nn.Module,
+    theta_a: Mapping[str, Tensor] | None,
+    theta_b: Mapping[str, Tensor] | None,
+    theta_t: Mapping[str, Tensor] | None,
+    t: float | Tensor,
+    batches: Tensor | Iterable,
+    mode: Mode = "repair",
+    *,
+    stacked: bool = False,
+    sites: Sequence[Site] | None = None,
+    endpoint_stats: tuple[Stats, Stats] | None = None,
+    eps: float = EPS,
+    sync: bool | None = None,
+) -> WeightDict:
+    """REPAIR or RESCALE the interpolated weights ``theta_t`` (see the module docstring).
+
+    BatchNorm running statistics are recomputed on the way (as in :func:`reset_bn`).
+
+    Args:
+        net: The network (structure; its own weights are used when ``theta_t`` is None). Not modified.
+        theta_a: Weights at ``t = 0`` (may be None when ``endpoint_stats`` is given).
+        theta_b: Weights at ``t = 1`` (likewise).
+        theta_t: Weights at ``t``; with ``stacked``, ``P`` points along a leading dim.
+        t: Interpolation coefficient(s) of the endpoints' statistics: a float, or ``[P]`` when stacked.
+        batches: Input tensors (or ``(x, y)`` pairs) of training data on the net's device.
+        mode: ``"repair"`` (mean and std) or ``"rescale"`` (std only).
+        stacked: Whether ``theta_t`` holds several points (evaluated with ``torch.func.vmap``).
+        sites: Sites from :func:`find_sites` (traced when None).
+        endpoint_stats: ``(site_statistics(theta_a), site_statistics(theta_b))``, to reuse across points.
+        eps: Added to variances before taking standard deviations.
+        sync: All-reduce statistics across ranks; default: when ``torch.distributed`` is initialised.
+
+    Returns:
+        A new weight dict (stacked if ``stacked``) with corrected weights and BN statistics.
+    """
+    if mode not in ("repair", "rescale"):
+        raise ValueError(f"mode must be 'repair' or 'rescale', got {mode!r}.")
+    batches = _as_batches(batches)
+    if sites is None:
+        sites = find_sites(net, batches[0][:2], _first(theta_t, stacked))
+    if not sites:
+        raise ValueError(f"{type(net).__name__} has no hidden conv/linear layer to renormalise.")
+    if endpoint_stats is None:
+        if theta_a is None or theta_b is None:
+            raise ValueError("renormalize needs theta_a and theta_b, or their endpoint_stats.")
+        endpoint_stats = tuple(site_statistics(net, batches, th, sites=sites, eps=eps, sync=sync)
+                               for th in (theta_a, theta_b))
+    stats_a, stats_b = endpoint_stats
+    ref = next(iter(stats_a.values()))[0]
+    tt = torch.as_tensor(t, dtype=torch.float64, device=ref.device)
+    tt = tt.reshape(-1, 1) if stacked else tt.reshape(())
+    goal = _interpolate_goal({s.name: stats_a[s.name] for s in sites}, stats_b, tt)
+    goal32 = {k: (m.float(), s.float()) for k, (m, s) in goal.items()}
+    bns = batchnorms(net)
+    with torch.no_grad():
+        with _Pass(net, bn_inputs=bns, sites=sites, mode=mode, eps=eps) as p:
+            counts, sums = p.run(batches, theta_t, stacked, goal32)
+        totals = _reduce(counts, sums, sync)
+        bn_stats = _bn_statistics(net, totals)
+        base = dict(theta_t) if theta_t is not None else {k: v.clone() for k, v in net.state_dict().items()}
+        out = _write_bn(net, base, bn_stats)
+        for site in sites:
+            if site.kind == "batchnorm":
+                # Eval-mode output statistics of the BN with its new running statistics, from its input moments.
+                _, var_b, var_u = bn_stats[site.name]
+                lead = tuple(var_b.shape[:1]) if stacked else ()
+                gamma, beta = _affine(out, net, site, lead, var_b.shape[-1], var_b)
+                mu, var = beta.double(), gamma.double() ** 2 * var_b / (var_u + net.get_submodule(site.name).eps)
+            else:
+                mu, var, _ = _moments(*totals[f"out:{site.name}"])
+            goal_mean, goal_std = goal[site.name]
+            scale = goal_std / torch.sqrt(var + eps)
+            shift = goal_mean - scale * mu if mode == "repair" else (1 - scale) * mu
+            _fuse(out, net, site, scale, shift, stacked)
+    return out

@@ -1,0 +1,60 @@
+"""EndpointModule: optimiser/schedule settings and a real Fashion-MNIST run."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lmc_lightning.data import FashionMNISTDataModule
+from lmc_lightning.modules import EndpointModule, OptimConfig
+
+
+@pytest.mark.parametrize(
+    ("optim", "step", "expected"),
+    [
+        (OptimConfig(scheduler="constant"), 50, 1.0),
+        (OptimConfig(scheduler="multistep", milestones=[2, 4], gamma=0.1), 25, 0.1),  # epoch 2.5
+        (OptimConfig(scheduler="multistep", milestones=[2, 4], gamma=0.1), 45, 0.01),  # epoch 4.5
+        (OptimConfig(scheduler="cosine"), 50, 0.5),  # half-way
+        (OptimConfig(scheduler="cosine", warmup_epochs=1), 4, 0.5),  # step 5 of a 10-step warm-up
+        (OptimConfig(scheduler="onecycle"), 14, 0.5),  # 30 warm-up steps: linear up
+        (OptimConfig(scheduler="onecycle"), 100, 0.0),
+    ],
+)
+def test_schedule_factors(optim: OptimConfig, step: int, expected: float) -> None:
+    assert math.isclose(optim.lr_factor(step, total_steps=100, steps_per_epoch=10), expected, abs_tol=1e-9)
+
+
+def test_optimizers_and_bad_settings() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True).build_optimizer(params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    assert isinstance(OptimConfig(optimizer="adamw").build_optimizer(params), torch.optim.AdamW)
+    assert isinstance(OptimConfig(optimizer="adam").build_optimizer(params), torch.optim.Adam)
+    with pytest.raises(ValueError, match="nesterov"):
+        OptimConfig(optimizer="adam", nesterov=True)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        OptimConfig(lr=0)
+
+
+def test_seed_fixes_initialisation() -> None:
+    a, b, c = (EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 8}, seed=s) for s in (0, 0, 1))
+    torch.testing.assert_close(a.net.state_dict(), b.net.state_dict())
+    assert not torch.equal(next(a.net.parameters()), next(c.net.parameters()))
+
+
+@pytest.mark.slow
+def test_mlp_reaches_80_percent_on_real_fashion_mnist(tmp_path) -> None:
+    """10k real training images, 2 epochs: test accuracy on the real 10k test set >= 80%."""
+    pl.seed_everything(0)
+    data = FashionMNISTDataModule(root=str(tmp_path), batch_size=128, train_subset=10_000)
+    model = EndpointModule(net="mlp", net_kwargs={"depth": 2, "width": 256}, num_classes=data.num_classes,
+                           input_shape=data.input_shape, optim=OptimConfig(lr=0.05), seed=0)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    acc = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
+    assert acc >= 0.80, f"test accuracy {acc:.3f} < 0.80"
