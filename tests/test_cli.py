@@ -39,8 +39,19 @@ def test_fast_dev_run_fit(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -
     monkeypatch.chdir(Path(__file__).parents[1])
     cli = main(["fit", *_fit_args(fake_fmnist_root, tmp_path, "--trainer.fast_dev_run", "true")])
     assert cli.trainer.state.finished
+    assert cli.trainer.state.finished
     # num_classes and input_shape were linked from the datamodule into the model
     assert cli.model.num_classes == 10 and cli.model.input_shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
+def test_loggers_write_to_the_run_folder(logger: str, fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).parents[1])
+    args = [(logger if a == "CSVLogger" else a) for a in _fit_args(fake_fmnist_root, tmp_path)]
+    cli = main(["fit", *args])
+    assert type(cli.trainer.logger).__name__ == logger
+    pattern = "metrics.csv" if logger == "CSVLogger" else "events.out.tfevents.*"
+    assert list(tmp_path.rglob(pattern)), f"{logger} wrote no {pattern}"
 
 
 def test_help_lists_model_arguments(capsys) -> None:

@@ -47,7 +47,7 @@ class InterpolationBarrier(Callback):
         max_eval_samples: Evaluate on at most this many samples of the split (a fixed seeded subset); ``None``: all.
         split: ``"val"``, ``"test"``, or ``"auto"`` (val when the datamodule has one, else test).
         reference_prefix: Network submodule inside a reference Lightning checkpoint.
-        eval_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass.
         precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy (``"auto"``, ``"loop"``, ``"vmap"``).
         log_prefix: Prefix of the logged names (use distinct ones for several barrier callbacks).
@@ -67,7 +67,7 @@ class InterpolationBarrier(Callback):
         max_eval_samples: int | None = 10_000,
         split: Split = "auto",
         reference_prefix: str = "net",
-        eval_batch_size: int = 1000,
+        evaluation_batch_size: int = 1000,
         precision: str = "auto",
         strategy: str = "auto",
         log_prefix: str = "barrier",
@@ -87,8 +87,8 @@ class InterpolationBarrier(Callback):
             raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
         if bn is not None and bn not in ("reset", "repair", "rescale"):
             raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
-        if bn_batches < 1 or bn_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("bn_batches, bn_batch_size and eval_batch_size must be >= 1.")
+        if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
+            raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1.")
         if max_eval_samples is not None and max_eval_samples < 1:
             raise ValueError(f"max_eval_samples must be >= 1 or None, got {max_eval_samples}.")
         check_eval_settings(precision, strategy)
@@ -105,7 +105,7 @@ class InterpolationBarrier(Callback):
         self.max_eval_samples = max_eval_samples
         self.split = split
         self.reference_prefix = reference_prefix
-        self.eval_batch_size = eval_batch_size
+        self.evaluation_batch_size = evaluation_batch_size
         self.precision = str(precision)
         self.strategy = strategy
         self.log_prefix = log_prefix
@@ -196,7 +196,7 @@ class InterpolationBarrier(Callback):
         result = evaluate_on_ranks(
             Linear(theta, ref), self._template, self._data, trainer, coords=coords, bn=self.bn,
             train_data=self._train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
-            batch_size=self.eval_batch_size, device=device, precision=self.precision, strategy=self.strategy,
+            batch_size=self.evaluation_batch_size, device=device, precision=self.precision, strategy=self.strategy,
         )
         metrics = summary_metrics(result, self.log_prefix)
         step = trainer.global_step

@@ -31,7 +31,7 @@ class InterpolationModule(PathModule):
         bn: BatchNorm statistics at every point: ``"reset"``, ``"repair"``, ``"rescale"`` or ``None`` (interpolated).
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
-        eval_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass.
         precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy (``"auto"``, ``"loop"`` or ``"vmap"``).
         prefix: Network submodule inside the checkpoints (``"net"``; ``["net_a", "net_b"]`` for a ``PairModule``
@@ -56,7 +56,7 @@ class InterpolationModule(PathModule):
         bn: BNMode | None = None,
         bn_batches: int = 20,
         bn_batch_size: int = 500,
-        eval_batch_size: int = 1000,
+        evaluation_batch_size: int = 1000,
         precision: str = "auto",
         strategy: str = "auto",
         prefix: str | list[str] = "net",
@@ -76,7 +76,7 @@ class InterpolationModule(PathModule):
             raise ValueError(f"InterpolationModule takes exactly 2 endpoints, got {len(endpoints)}.")
         super().__init__(
             endpoints=endpoints, num_points=num_points, bn=bn, bn_batches=bn_batches, bn_batch_size=bn_batch_size,
-            eval_batch_size=eval_batch_size, precision=precision, strategy=strategy, prefix=prefix, net=net,
+            evaluation_batch_size=evaluation_batch_size, precision=precision, strategy=strategy, prefix=prefix, net=net,
             net_kwargs=net_kwargs, output_dir=output_dir, num_classes=num_classes, input_shape=input_shape,
             optim=optim, label_smoothing=label_smoothing,
         )

@@ -128,7 +128,7 @@ class PathModule(LMCModule):
             ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
-        eval_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass.
         precision: Evaluation precision, passed to ``evaluate_path`` (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy, passed to ``evaluate_path`` (``"auto"``, ``"loop"`` or ``"vmap"``).
         prefix: Submodule holding the network inside the endpoints' Lightning checkpoints (``"net"``; ``"net_a"`` or
@@ -153,7 +153,7 @@ class PathModule(LMCModule):
         bn: BNMode | None = None,
         bn_batches: int = 20,
         bn_batch_size: int = 500,
-        eval_batch_size: int = 1000,
+        evaluation_batch_size: int = 1000,
         precision: str = "auto",
         strategy: str = "auto",
         prefix: str | list[str] = "net",
@@ -181,15 +181,15 @@ class PathModule(LMCModule):
             raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
         if bn is not None and bn not in ("reset", "repair", "rescale"):
             raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
-        if bn_batches < 1 or bn_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("bn_batches, bn_batch_size and eval_batch_size must be >= 1, got "
-                             f"{bn_batches}, {bn_batch_size}, {eval_batch_size}.")
+        if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
+            raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
+                             f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
         check_eval_settings(precision, strategy)
         self.num_points = num_points
         self.bn = bn
         self.bn_batches = bn_batches
         self.bn_batch_size = bn_batch_size
-        self.eval_batch_size = eval_batch_size
+        self.evaluation_batch_size = evaluation_batch_size
         self.eval_precision = str(precision)
         self.eval_strategy = strategy
         self.net_name = net
@@ -327,7 +327,7 @@ class PathModule(LMCModule):
         return evaluate_on_ranks(
             self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
-            batch_size=self.eval_batch_size, device=self.device, precision=self.eval_precision,
+            batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
             strategy=self.eval_strategy,
         )
 

@@ -21,6 +21,7 @@ from lmc_lightning.weights.permutation import (
     weight_matching,
 )
 from lmc_lightning.weights.permutation.activation_matching import CorrelationStats
+from lmc_lightning.weights.permutation.batches import capture_module, run_with
 
 SMALL = {"mlp": {"width": 16, "depth": 3}, "resnet18": {"width": 0.0625}, "preresnet": {"depth": 8, "width": 0.25}}
 
@@ -124,7 +125,7 @@ def test_flatten_of_spatial_map_permutes_channel_blocks() -> None:
 
 
 class UserNet(nn.Module):
-    """Functional ops, in-place residual add, depthwise conv, LayerNorm on features, a Linear used twice."""
+    """Functional ops, in-place residual add, depthwise conv, spatial mean, LayerNorm, a Linear used twice."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,6 +135,7 @@ class UserNet(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
         self.gn = nn.GroupNorm(8, 8)
         self.fc = nn.Linear(8 * 4, 6)
+        self.skip = nn.Linear(8, 6)
         self.ln = nn.LayerNorm(6)
         self.shared = nn.Linear(6, 6)
         self.out = nn.Linear(6, 2)
@@ -144,9 +146,8 @@ class UserNet(nn.Module):
         r += h
         h = F.max_pool2d(r * 0.5, 2)
         h = h.view(h.size(0), -1)
-        h = self.ln(F.gelu(self.fc(h)))
-        h = self.shared(torch.tanh(self.shared(h)))
-        return self.out(h) + h.mean(dim=-1, keepdim=True)
+        h = self.ln(F.gelu(self.fc(h) + self.skip(r.mean(dim=(-2, -1)))))
+        return self.out(self.shared(torch.tanh(self.shared(h))))
 
 
 def test_user_module_from_the_same_ops() -> None:
@@ -238,7 +239,12 @@ def test_activation_matching_recovers_a_hidden_permutation(name: str) -> None:
     theta_b = apply_permutation(theta_a, spec, perm)
     x = torch.randn(64, 3, *(2 * (8 if name == "mlp" else 16,)), dtype=torch.float64)
     found = activation_matching(net, spec, theta_a, theta_b, x, batch_size=16)
-    assert all(torch.equal(found[g], invert(perm)[g]) for g in spec.groups)
+    aligned = apply_permutation(theta_b, spec, found)
+    points = sorted({p for g in spec.groups for p in spec.activations[g]})
+    capture = capture_module(net, points)
+    for p, fa, fb in zip(points, run_with(capture, theta_a, x), run_with(capture, aligned, x), strict=True):
+        assert torch.allclose(fa, fb, atol=1e-12), p  # every live unit found its twin (dead ones are all zero)
+    assert sum(torch.equal(found[g], invert(perm)[g]) for g in spec.groups) >= len(spec.groups) // 2
 
 
 def test_activation_matching_data_forms_agree() -> None:
@@ -270,8 +276,8 @@ def test_correlation_sums_combine_exactly_across_shares() -> None:
 
 def test_ste_matching_lowers_midpoint_loss() -> None:
     torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    x = torch.randn(256, 1, 3, 4)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(256, 1, 4, 4)
     y = teacher(x).argmax(1).detach()
     nets = []
     for seed in (0, 1):

@@ -297,7 +297,9 @@ class _Tracer:
         name = target if is_method else getattr(target, "__name__", "")
         if (is_method and name in ("size", "dim", "numel")) or target in (getattr, len):
             return _CONST
-        if all(a is _CONST or not isinstance(a, _Feat) for a in (*args, *kwargs.values())):
+        inputs: list[Any] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(self.env[n]))
+        if not any(isinstance(v, _Feat) for v in inputs):
             return _CONST  # arithmetic on sizes and constants
         if (is_method and name in _ELEMENTWISE_METHODS) or target in _ELEMENTWISE_FUNCS:
             return self.feat(node, args[0])
