@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.nets = args.nets or ["mlp", "resnet20"]
-        args.steps, args.warmup, args.width, args.mlp_width, args.batch_size = 5, 2, 1, 256, 64
+        args.steps, args.warmup, args.width, args.mlp_width, args.batch_size = 5, 2, 1, 256, 32
     args.nets = args.nets or ["mlp", "resnet20", "vgg11_bn"]
     args.batches = min(args.steps, 8)
     device = torch.device(args.device)

@@ -49,8 +49,9 @@ class BatchNormReset(Callback):
     compute on the whole subset. Buffers are updated in place.
 
     Args:
-        on: When to reset: ``"train_epoch_end"`` (the checkpoint saved at epoch end holds the reset statistics) or
-            ``"validation_start"`` (validation runs with them; skipped during the sanity check).
+        on: When to reset: ``"validation_start"`` (validation, and a checkpoint saved after it, use the reset
+            statistics; skipped during the sanity check) or ``"train_epoch_end"`` (for runs without validation,
+            whose checkpoints are saved at the end of the training epoch, after this callback).
         num_batches: Batches of ``batch_size`` samples in the subset.
         batch_size: Samples per batch.
         nets: Names of the networks to reset; ``None``: every submodule named ``net``, ``net_a`` or ``net_b``.
@@ -99,6 +100,9 @@ class BatchNormReset(Callback):
 
     def reset(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Reset the statistics of every selected network now (all ranks must call this together)."""
+        nets = [net for net in module_nets(pl_module, self.nets).values() if has_batchnorm(net)]
+        if not nets:
+            return
         shard = self._shard(trainer)
         device = pl_module.device
 
@@ -106,12 +110,11 @@ class BatchNormReset(Callback):
             for chunk in shard.split(self.batch_size):
                 yield chunk.to(device, non_blocking=True)
 
-        for net in module_nets(pl_module, self.nets).values():
-            if has_batchnorm(net):
-                was_training = net.training
-                with torch.no_grad():
-                    reset_bn(net, batches())
-                net.train(was_training)
+        for net in nets:
+            was_training = net.training
+            with torch.no_grad():
+                reset_bn(net, batches())
+            net.train(was_training)
         self.num_resets += 1
         self.last_step = trainer.global_step
         rank_zero_info(f"BatchNormReset: statistics recomputed on {len(self._inputs)} samples "

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lmc_lightning.weights.paths import Path, WeightDict, _slot
+from lmc_lightning.weights.paths import Path, WeightDict, _slot, check_compatible
 
 CORNERS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
 """``(u, v)`` position of each corner mode of a :class:`BezierSurface`, in the order the corners are given."""
@@ -83,6 +83,9 @@ class ControlPath(Path):
     ) -> None:
         linear_weights = torch.as_tensor(linear_weights, dtype=torch.float64)
         n_free = linear_weights.shape[0]
+        if not fixed:
+            raise ValueError(f"{type(self).__name__} needs at least one fixed control point.")
+        check_compatible(*fixed, names=[f"endpoint {i}" for i in range(len(fixed))])
         if init is None:
             free = [self._mix(fixed, row) for row in linear_weights]
         else:
@@ -143,12 +146,19 @@ class ControlPath(Path):
             if self.num_free:
                 self._free(key).copy_(self.linear_free(key))
 
-    def _split(self, coef: Tensor) -> tuple[Tensor, Tensor]:
-        """Columns of ``coef`` ``[P, n]`` for the fixed and the free points, in the dtype of the control points."""
-        dtype = self._fixed(self.float_keys[0]).dtype
-        fixed = torch.as_tensor(self.fixed_index, device=coef.device)
-        free = torch.as_tensor(self.free_index, device=coef.device, dtype=torch.long)
-        return coef.index_select(1, fixed).to(dtype), coef.index_select(1, free).to(dtype)
+    def _split(self, coords: Tensor) -> tuple[Tensor, Tensor]:
+        """Coefficients of the fixed and the free points, ``[P, n_fixed]`` and ``[P, n_free]``, on the device.
+
+        Computed on the CPU and copied asynchronously (pinned memory on CUDA), so a training step never waits on
+        the GPU for its coefficients.
+        """
+        coords = coords.detach().to("cpu", torch.float64).reshape(-1, self.dim)
+        coef = self.coefficients(coords)
+        ref = self._fixed(self.float_keys[0])
+        parts = (coef[:, self.fixed_index].to(ref.dtype), coef[:, self.free_index].to(ref.dtype))
+        if ref.device.type == "cuda":
+            return tuple(c.pin_memory().to(ref.device, non_blocking=True) for c in parts)
+        return tuple(c.to(ref.device) for c in parts)
 
     def _combine(self, key: str, coef_fixed: Tensor, coef_free: Tensor) -> Tensor:
         """``[P, *shape]`` weights of ``key`` from the split coefficients, without stacking the control points."""
@@ -160,22 +170,21 @@ class ControlPath(Path):
 
     def stacked(self, coords) -> WeightDict:
         """Weights at many points at once, ``{key: [P, *shape]}`` (see :meth:`Path.stacked`)."""
-        c = self._coords(coords)
-        coef = self._split(self.coefficients(c))
+        coef = self._split(torch.as_tensor(coords, dtype=torch.float64))
         out: WeightDict = {}
         for key in self.keys_:
             if key in self.float_keys:
                 out[key] = self._combine(key, *coef)
             else:
                 buf = getattr(self.other_store, _slot(key))
-                out[key] = buf.unsqueeze(0).expand(c.shape[0], *buf.shape)
+                out[key] = buf.unsqueeze(0).expand(coef[0].shape[0], *buf.shape)
         return out
 
     def forward(self, *coords: float | Tensor) -> WeightDict:
         """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
         if len(coords) != self.dim:
             raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
-        coef = self._split(self.coefficients(self._coords([float(x) for x in coords])))
+        coef = self._split(torch.tensor([float(x) for x in coords], dtype=torch.float64))
         out: WeightDict = {}
         for key in self.keys_:
             if key in self.float_keys:

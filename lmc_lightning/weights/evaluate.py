@@ -39,6 +39,8 @@ _PRECISIONS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16"
 
 def _tensors(data: Any, split: str, what: str) -> tuple[Tensor, Tensor]:
     """``(x, y)`` from a pair of tensors, a datamodule with ``split_tensors``, or a map-style Dataset."""
+    if isinstance(data, Tensor) and split == "train":
+        return data, torch.zeros(len(data), dtype=torch.long)  # statistics need inputs only
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
         x, y = data
     elif hasattr(data, "split_tensors"):
@@ -48,7 +50,8 @@ def _tensors(data: Any, split: str, what: str) -> tuple[Tensor, Tensor]:
         x, y = torch.cat(xs), torch.cat(ys)
     else:
         raise TypeError(
-            f"{what} must be an (x, y) pair of tensors, a Dataset, or a datamodule with split_tensors(split); "
+            f"{what} must be an (x, y) pair of tensors, a Dataset, or a datamodule with split_tensors(split)"
+            f"{' (or a tensor of inputs)' if split == 'train' else ''}; "
             f"got {type(data).__name__}."
         )
     if len(x) != len(y) or len(x) == 0:
@@ -204,7 +207,8 @@ def evaluate_path(
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
         bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"repair"`` or ``"rescale"``
             (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
-        train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule).
+        train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule), or a tensor of
+            inputs (labels are not needed).
         bn_batches: Number of statistics batches.
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
         batch_size: Evaluation batch size (per point).

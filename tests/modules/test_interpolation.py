@@ -15,6 +15,7 @@ from lmc_lightning.cli import main
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import InterpolationModule
 
+CONFIG = Path(__file__).parents[2] / "configs" / "interpolation" / "fmnist_mlp.yaml"
 COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false"]
 
@@ -46,8 +47,8 @@ def _test_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_lmc_test_writes_path_files(endpoints: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "interp"
-    cli = main(["test", "--model", "InterpolationModule", "--model.endpoints", f"[{endpoints[0]},{endpoints[1]}]",
-                "--model.num_points", "5", "--data.root", str(fake_fmnist_root), *COMMON, *_logger(out)])
+    cli = main(["test", "--config", str(CONFIG), "--model.endpoints", f"[{endpoints[0]},{endpoints[1]}]",
+                "--model.num_points", "5", "--data.root", str(fake_fmnist_root), *_logger(out)])
     files = {p.name: p for p in out.rglob("path.*")}
     assert set(files) == {"path.csv", "path.json", "path.png"}
     assert files["path.png"].stat().st_size > 1000
@@ -96,6 +97,47 @@ def test_checkpoint_restores_path_without_endpoint_files(endpoints: list[Path], 
                        enable_model_summary=False)
     again.test(restored, datamodule=data, verbose=False)
     assert restored.result.loss == pytest.approx(model.result.loss, abs=1e-6)
+
+
+def test_bn_reset_on_plain_state_dicts_equals_direct_evaluation(fake_fmnist_root: Path, tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from lmc_lightning.nets import get_net
+    from lmc_lightning.weights.evaluate import evaluate_path
+    from lmc_lightning.weights.paths import Linear
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 28, "width": 0.0625}
+    nets = [get_net("vgg11_bn", **kwargs) for _ in range(2)]
+    for i, net in enumerate(nets):  # give the BN layers non-trivial running statistics
+        net.train()(torch.randn(64, 1, 28, 28) * (i + 1))
+        torch.save(net.state_dict(), tmp_path / f"bn{i}.pt")
+    model = InterpolationModule(endpoints=[str(tmp_path / f"bn{i}.pt") for i in range(2)], net="vgg11_bn",
+                                net_kwargs={"width": 0.0625}, num_points=3, bn="reset", bn_batches=2,
+                                bn_batch_size=64, output_dir=str(tmp_path / "out"))
+    data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=64)
+    pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+               default_root_dir=tmp_path).test(model, datamodule=data, verbose=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["path.csv", "path.json", "path.png"]
+    direct = evaluate_path(Linear(nets[0].state_dict(), nets[1].state_dict()), nets[0], data.split_tensors("test"),
+                           num_points=3, bn="reset", train_data=data.split_tensors("train"), bn_batches=2,
+                           bn_batch_size=64)
+    assert model.result.loss == pytest.approx(direct.loss, abs=1e-6)
+    unreset = evaluate_path(Linear(nets[0].state_dict(), nets[1].state_dict()), nets[0], data.split_tensors("test"),
+                            num_points=3)
+    assert abs(unreset.loss[1] - direct.loss[1]) > 1e-3  # the reset changed the midpoint
+
+
+def test_weight_matching_alignment_keeps_endpoint_function(endpoints: list[Path]) -> None:
+    from torch.func import functional_call
+
+    model = InterpolationModule(endpoints=[str(p) for p in endpoints], align="weight")
+    model.setup("test")
+    net_b = load_net(endpoints[1])
+    aligned = model.path.endpoint(1)
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(model.net, aligned, (x,)), net_b(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(aligned["hidden.0.weight"], net_b.state_dict()["hidden.0.weight"])  # units permuted
 
 
 def test_plain_state_dicts_need_and_take_the_architecture(endpoints: list[Path], tmp_path: Path) -> None:

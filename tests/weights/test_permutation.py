@@ -242,9 +242,10 @@ def test_activation_matching_recovers_a_hidden_permutation(name: str) -> None:
     aligned = apply_permutation(theta_b, spec, found)
     points = sorted({p for g in spec.groups for p in spec.activations[g]})
     capture = capture_module(net, points)
-    for p, fa, fb in zip(points, run_with(capture, theta_a, x), run_with(capture, aligned, x), strict=True):
-        assert torch.allclose(fa, fb, atol=1e-12), p  # every live unit found its twin (dead ones are all zero)
-    assert sum(torch.equal(found[g], invert(perm)[g]) for g in spec.groups) >= len(spec.groups) // 2
+    outs = [run_with(capture, theta, x) for theta in (theta_a, theta_b, aligned)]
+    for p, fa, fb, fc in zip(points, *outs, strict=True):
+        assert not torch.allclose(fa, fb), p
+        assert torch.allclose(fa, fc, atol=1e-12), p  # every live unit found its twin (dead ones are all zero)
 
 
 def test_activation_matching_data_forms_agree() -> None:
