@@ -16,16 +16,20 @@ data:
 	@test -f $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	  || (echo "Install Fashion-MNIST: apt-get install dataset-fashion-mnist (as root)"; exit 1)
 
-# Two Fashion-MNIST MLP endpoints from different seeds, then the loss/accuracy barrier between them.
+# Two Fashion-MNIST MLP endpoints from different seeds, then the loss/accuracy barrier between them,
+# before and after weight matching.
 demo: install data
 	$(LMC) fit --config configs/experiments/fmnist_demo.yaml --model.seed 0 --data.seed 0 \
 	  --trainer.logger.init_args.version seed0
 	$(LMC) fit --config configs/experiments/fmnist_demo.yaml --model.seed 1 --data.seed 1 \
 	  --trainer.logger.init_args.version seed1
 	$(LMC) test --config configs/experiments/fmnist_demo_barrier.yaml
-	@$(PYTHON) -c "import json; r = json.load(open('$(DEMO)/barrier/path.json')); \
-	  print(f\"loss barrier {r['loss_barrier']:.4f}, accuracy barrier {r['accuracy_barrier']:.4f}; \
-	  plot: $(DEMO)/barrier/path.png\")"
+	$(LMC) test --config configs/experiments/fmnist_demo_barrier.yaml --model.align weight \
+	  --model.output_dir $(DEMO)/barrier_aligned --trainer.logger.init_args.version barrier_aligned
+	@$(PYTHON) -c "import json; \
+	  [print(f\"{n}: loss barrier {r['loss_barrier']:.4f}, accuracy barrier {r['accuracy_barrier']:.4f}\") \
+	   for n in ('barrier', 'barrier_aligned') for r in [json.load(open(f'$(DEMO)/{n}/path.json'))]]"
+	@echo "plots: $(DEMO)/barrier/path.png $(DEMO)/barrier_aligned/path.png"
 
 test: install data
 	$(PYTHON) -m pytest -q

@@ -173,7 +173,11 @@ class InterpolationBarrier(Callback):
         self._template = copy.deepcopy(net).eval().requires_grad_(False)
         self._targets = set()
         if self.every_fraction is not None:
-            total = int(trainer.estimated_stepping_batches)
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("every_fraction needs a finite training length: set trainer.max_epochs or "
+                                 "trainer.max_steps, or measure by every_n_epochs instead.")
+            total = int(total)
             count = int(math.floor(1 / self.every_fraction + 1e-9))
             self._targets = {max(1, round(k * self.every_fraction * total)) for k in range(1, count + 1)}
 

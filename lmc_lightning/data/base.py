@@ -71,7 +71,8 @@ class BaseDataModule(LightningDataModule):
             raise ValueError(f"train_subset must be >= 1 or None, got {train_subset}")
         if subset_mode not in ("first", "random"):
             raise ValueError(f"subset_mode must be 'first' or 'random', got {subset_mode!r}")
-        self.save_hyperparameters()
+        # Not sent to the logger: its keys (seed, batch_size) would clash with the model's; config.yaml keeps them.
+        self.save_hyperparameters(logger=False)
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

@@ -1,9 +1,12 @@
 """LightningModules, one per method."""
 
 from lmc_lightning.modules.base import LMCModule, OptimConfig
+from lmc_lightning.modules.curve import CurveModule
 from lmc_lightning.modules.endpoint import EndpointModule
 from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
+from lmc_lightning.modules.surface import SurfaceModule
 
-__all__ = ["EndpointModule", "InterpolationModule", "LMCModule", "OptimConfig", "PairModule", "PathModule"]
+__all__ = ["CurveModule", "EndpointModule", "InterpolationModule", "LMCModule", "OptimConfig", "PairModule",
+           "PathModule", "SurfaceModule"]

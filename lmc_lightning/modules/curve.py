@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import PathModule, PathResult, WeightDict
@@ -64,6 +65,26 @@ class FittedPathModule(PathModule):
         self.num_samples = num_samples
         self.reg = float(reg)
         self._param_keys: list[str] | None = None
+
+    def setup(self, stage: str) -> None:
+        """Build the path (see :meth:`PathModule.setup`), then keep its frozen tensors out of DDP's buffer sync."""
+        super().setup(stage)
+        self._ddp_skip_path_buffers()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the path from a checkpoint (see :meth:`PathModule.on_load_checkpoint`)."""
+        super().on_load_checkpoint(checkpoint)
+        self._ddp_skip_path_buffers()
+
+    def _ddp_skip_path_buffers(self) -> None:
+        """Tell DDP not to broadcast the path's buffers every step.
+
+        They are the frozen endpoints (twice the model's size for a curve, four times for a surface), identical on
+        every rank; DDP's default ``broadcast_buffers`` would send them from rank 0 before each forward.
+        """
+        if self.path is not None:
+            names = [f"path.{name}" for name, _ in self.path.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
 
     def sample_coords(self) -> Tensor:
         """``[num_samples, dim]`` coordinates for one training batch (uniform on the unit interval or square)."""

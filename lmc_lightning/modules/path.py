@@ -109,6 +109,10 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
     }
 
 
+EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
+                 "output_dir")
+
+
 class PathModule(LMCModule):
     """Base of the path modules: load endpoints, build a path, evaluate a grid of points on ``lmc test``.
 
@@ -167,7 +171,9 @@ class PathModule(LMCModule):
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
-        self.save_hparams()
+        # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
+        # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
+        self.save_hparams(ignore=EVAL_SETTINGS)
         self.endpoints = [str(e) for e in (endpoints or [])]
         if self.endpoints and len(self.endpoints) < self.min_endpoints:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_endpoints} endpoints, got "

@@ -45,9 +45,11 @@ def _tensors(data: Any, split: str, what: str) -> tuple[Tensor, Tensor]:
         x, y = data
     elif hasattr(data, "split_tensors"):
         x, y = data.split_tensors(split)
-    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        xs, ys = zip(*DataLoader(data, batch_size=1024, shuffle=False), strict=True)
-        x, y = torch.cat(xs), torch.cat(ys)
+    elif isinstance(data, Dataset):
+        batches = list(DataLoader(data, batch_size=1024, shuffle=False))
+        if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+            raise ValueError(f"{what}: a Dataset must yield (input, label) pairs.")
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     else:
         raise TypeError(
             f"{what} must be an (x, y) pair of tensors, a Dataset, or a datamodule with split_tensors(split)"
@@ -150,32 +152,62 @@ class _Evaluator:
         self.correct[index] += (logits.argmax(-1) == y).sum(1)
 
 
-def _run_loop(work, path, coords, ev, stats, bn, sites, endpoint_stats, defaults) -> None:
+class _Points:
+    """Weights of a path at given points, computed on the device without host synchronisation.
+
+    Paths are linear combinations of control points (see :mod:`lmc_lightning.weights.paths`): the coefficients of
+    all points are computed once on the device, the control points are stacked once, and each point (or chunk) is
+    one ``tensordot`` per key, the same operations as ``path(t)`` / ``path.stacked(coords)``.
+    """
+
+    def __init__(self, path: Path, coords: Tensor, device: torch.device) -> None:
+        self.coef = path.coefficients(coords.to(device))
+        self.ctrl = {k: path.control_points(k) for k in path.float_keys}
+        first = path.endpoint(0)
+        self.other = {k: first[k] for k in path.keys_ if k not in self.ctrl}
+        self.keys = list(path.keys_)
+
+    def at(self, i: int) -> dict[str, Tensor]:
+        """Weights at point ``i``."""
+        out = {k: torch.tensordot(self.coef[i].to(v.dtype), v, dims=1) for k, v in self.ctrl.items()}
+        out.update(self.other)
+        return {k: out[k] for k in self.keys}
+
+    def chunk(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Weights at points ``start:stop``, stacked along a leading dim."""
+        coef = self.coef[start:stop]
+        out = {k: torch.einsum("pn,n...->p...", coef.to(v.dtype), v) for k, v in self.ctrl.items()}
+        out.update({k: v.unsqueeze(0).expand(len(coef), *v.shape) for k, v in self.other.items()})
+        return {k: out[k] for k in self.keys}
+
+
+def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults) -> None:
     state = dict(work.state_dict())
-    for i, c in enumerate(coords.tolist()):
-        _load(state, {**defaults, **path(*c)})
+    for i, t in enumerate(coords[:, 0].tolist()):
+        _load(state, {**defaults, **points.at(i)})
         if bn == "reset":
             renorm.reset_bn(work, stats, sync=False)
         elif bn is not None:
-            fused = renorm.renormalize(work, None, None, None, c[0], stats, bn, sites=sites,
+            fused = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
                                        endpoint_stats=endpoint_stats, sync=False)
             _load(state, fused)
         for x, y in ev.batches:
             ev.add(work(x), y, i)
 
 
-def _run_vmap(work, path, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
+def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
     batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
+    device = ev.loss.device
     for start in range(0, len(coords), chunk_size):
-        chunk = coords[start : start + chunk_size]
-        w = path.stacked(chunk)
+        stop = min(start + chunk_size, len(coords))
+        w = points.chunk(start, stop)
         if bn == "reset":
             w = renorm.reset_bn(work, stats, w, stacked=True, sync=False)
         elif bn is not None:
-            w = renorm.renormalize(work, None, None, w, chunk[:, 0], stats, bn, stacked=True, sites=sites,
-                                   endpoint_stats=endpoint_stats, sync=False)
+            w = renorm.renormalize(work, None, None, w, coords[start:stop, 0].to(device), stats, bn, stacked=True,
+                                   sites=sites, endpoint_stats=endpoint_stats, sync=False)
         for x, y in ev.batches:
-            ev.add(batched(w, x), y, slice(start, start + len(chunk)))
+            ev.add(batched(w, x), y, slice(start, stop))
 
 
 def evaluate_path(
@@ -234,6 +266,8 @@ def evaluate_path(
         raise ValueError(f"bn={bn!r} interpolates the endpoints' statistics along a curve; this path has dim "
                          f"{path.dim}. Use bn='reset' or None for surfaces.")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     pts = _coords(path, num_points, coords)
 
     x_test, y_test = _tensors(data, "test", "data")
@@ -281,10 +315,11 @@ def evaluate_path(
                                    for th in (theta_a, theta_b))
             if chosen == "loop":
                 defaults = _materialize(work, sites)
+        points = _Points(path_dev, pts, device)
         if chosen == "loop":
-            _run_loop(work, path_dev, pts, ev, stats, bn, sites, endpoint_stats, defaults)
+            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults)
         else:
-            _run_vmap(work, path_dev, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
+            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {

@@ -30,7 +30,7 @@ def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None 
     """
     names = list(names) if names is not None else [f"theta_{i}" for i in range(len(thetas))]
     ref, ref_name = thetas[0], names[0]
-    for other, name in zip(thetas[1:], names[1:]):
+    for other, name in zip(thetas[1:], names[1:], strict=True):
         missing = [k for k in ref if k not in other]
         extra = [k for k in other if k not in ref]
         if missing or extra:

@@ -1,7 +1,8 @@
 """Statistics along paths: BatchNorm reset, REPAIR and RESCALE, as maps from weight dict to weight dict.
 
-Every statistic is accumulated as sums (sample count, per-channel sum and sum of squares, in float64), all-reduced
-with ``torch.distributed`` when it is initialised (so each rank may pass its own share of the data and the result is
+Statistics are taken per batch (count, per-channel mean and variance, from the fused batch-norm kernel, so a bf16
+activation is never copied to float32), turned into float64 sums (count, sum, sum of squares), all-reduced with
+``torch.distributed`` when it is initialised (so each rank may pass its own share of the data and the result is
 exact), and only then turned into means and variances.
 
 * :func:`reset_bn` recomputes BatchNorm running statistics: the exact mean and (unbiased) variance of every BN
@@ -146,11 +147,17 @@ def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | 
     return sites
 
 
-class _Pass:
-    """Forward hooks that sum per-channel statistics of BN inputs and site outputs, optionally correcting sites.
+Moments = dict[str, list[tuple[int, Tensor, Tensor, float]]]
+"""Per record key, one ``(count, mean, invstd, eps)`` per batch (``invstd = 1 / sqrt(var + eps)``)."""
 
-    Inside the context the net is in eval mode except the listed BN layers, which normalise by batch statistics
-    without touching their buffers (``training=True, track_running_stats=False``).
+
+class _Pass:
+    """Collects per-batch, per-channel moments of BN inputs and site outputs; optionally corrects site outputs.
+
+    Inside the context the net is in eval mode, except that the listed BN layers normalise by batch statistics without
+    touching their buffers (their forward becomes ``torch.native_batch_norm`` in training mode, whose batch mean and
+    inverse std are recorded at no extra cost). Site outputs are measured, and corrected, with the same fused kernel,
+    so no float32 copy of a bf16 activation is ever made.
     """
 
     def __init__(
@@ -164,17 +171,17 @@ class _Pass:
         self.net, self.bn_names, self.sites, self.mode, self.eps = net, list(bn_inputs), list(sites), mode, eps
         self.records: dict[str, tuple[Tensor, Tensor]] = {}
         self.counts: dict[str, int] = {}
+        self.eps_of: dict[str, float] = {}
         self.goal: Stats = {}
 
     def __enter__(self) -> _Pass:
-        self._flags = [(m, m.training) for m in self.net.modules()]
-        self.net.eval()
-        self._handles, self._tracking = [], []
+        self._eval = _EvalMode(self.net)
+        self._eval.__enter__()
+        self._handles, self._patched = [], []
         for name in self.bn_names:
             m = self.net.get_submodule(name)
-            self._tracking.append((m, m.track_running_stats))
-            m.training, m.track_running_stats = True, False
-            self._handles.append(m.register_forward_pre_hook(partial(self._bn_hook, name)))
+            m.forward = partial(self._bn_forward, name, m)  # instance attribute, removed on exit
+            self._patched.append(m)
         for site in self.sites:
             m = self.net.get_submodule(site.name)
             self._handles.append(m.register_forward_hook(partial(self._site_hook, site.name)))
@@ -183,33 +190,35 @@ class _Pass:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        for m, track in self._tracking:
-            m.track_running_stats = track
-        for m, flag in self._flags:
-            m.training = flag
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._eval.__exit__(*exc)
 
-    def _record(self, key: str, y: Tensor) -> tuple[Tensor, Tensor]:
-        if y.dim() < 2:
-            raise ValueError(f"Cannot take per-channel statistics of a {y.dim()}-D output at '{key}'.")
-        var, mean = torch.var_mean(y.float(), dim=[0, *range(2, y.dim())], correction=0)
-        n = y.numel() // y.shape[1]
-        self.counts[key] = n
-        m64 = mean.double()
-        self.records[key] = (m64 * n, (var.double() + m64 * m64) * n)
-        return mean, var
+    def _record(self, key: str, y: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> None:
+        # no arithmetic here: a few hundred tiny kernels per point add up on a GPU; _reduce converts all at once
+        self.counts[key] = y.numel() // y.shape[1]
+        self.eps_of[key] = eps
+        self.records[key] = (mean, invstd)
 
-    def _bn_hook(self, name: str, module: nn.Module, args: tuple) -> None:
-        self._record(f"in:{name}", args[0])
+    def _bn_forward(self, name: str, m: _BatchNorm, x: Tensor) -> Tensor:
+        out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
+        self._record(f"in:{name}", x, mean, invstd, m.eps)
+        return out.to(x.dtype)
 
     def _site_hook(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-        mean, var = self._record(f"out:{name}", out)
+        if out.dim() < 2:
+            raise ValueError(f"Cannot take per-channel statistics of the {out.dim()}-D output of '{name}'.")
         if self.mode is None:
+            _, mean, invstd = torch.native_batch_norm(out, None, None, None, None, True, 0.0, self.eps)
+            self._record(f"out:{name}", out, mean, invstd, self.eps)
             return None
         goal_mean, goal_std = self.goal[name]
-        shape = [1, -1] + [1] * (out.dim() - 2)
-        scale = goal_std / torch.sqrt(var + self.eps)
-        shift = goal_mean if self.mode == "repair" else mean
-        return ((out.float() - mean.view(shape)) * scale.view(shape) + shift.view(shape)).to(out.dtype)
+        bias = goal_mean if self.mode == "repair" else None
+        fixed, mean, invstd = torch.native_batch_norm(out, goal_std, bias, None, None, True, 0.0, self.eps)
+        self._record(f"out:{name}", out, mean, invstd, self.eps)
+        if self.mode == "rescale":
+            fixed = fixed + mean.to(fixed.dtype).view(1, -1, *[1] * (out.dim() - 2))
+        return fixed.to(out.dtype)
 
     def run(
         self,
@@ -217,8 +226,8 @@ class _Pass:
         weights: Mapping[str, Tensor] | None = None,
         stacked: bool = False,
         goal: Stats | None = None,
-    ) -> tuple[dict[str, int], dict[str, tuple[Tensor, Tensor]]]:
-        """Forward every batch; returns summed counts and (sum, sum of squares) per record key."""
+    ) -> Moments:
+        """Forward every batch; returns the per-batch moments of every record key."""
         if stacked and weights is None:
             raise ValueError("stacked=True needs a stacked weight dict.")
         goal = goal or {}
@@ -230,15 +239,11 @@ class _Pass:
             return out
 
         fn = vmap(call, in_dims=(0, 0 if goal else None, None)) if stacked else call
-        counts: dict[str, int] = {}
-        sums: dict[str, tuple[Tensor, Tensor]] = {}
+        moments: Moments = {}
         for x in batches:
-            rec = fn(weights, goal, x)
-            for key, (s, ss) in rec.items():
-                counts[key] = counts.get(key, 0) + self.counts[key]
-                prev = sums.get(key)
-                sums[key] = (s, ss) if prev is None else (prev[0] + s, prev[1] + ss)
-        return counts, sums
+            for key, (mean, invstd) in fn(weights, goal, x).items():
+                moments.setdefault(key, []).append((self.counts[key], mean, invstd, self.eps_of[key]))
+        return moments
 
 
 def _should_sync(sync: bool | None) -> bool:
@@ -247,15 +252,24 @@ def _should_sync(sync: bool | None) -> bool:
     return sync
 
 
-def _reduce(
-    counts: dict[str, int], sums: dict[str, tuple[Tensor, Tensor]], sync: bool | None
-) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """``{key: (count, sum, sum of squares)}``, summed over ranks when syncing (one all-reduce for all)."""
-    keys = sorted(sums)
+def _reduce(moments: Moments, sync: bool | None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """``{key: (count, sum, sum of squares)}`` in float64, summed over batches and (when syncing) over ranks."""
+    keys = sorted(moments)
     if not keys:
         return {}
-    ref = sums[keys[0]][0]
-    parts = [(ref.new_full((), float(counts[k])), *sums[k]) for k in keys]
+    parts = []
+    for k in keys:
+        # batches grouped by sample count, weighted with Python numbers: no host-to-device copy, no sync
+        total = s1 = s2 = None
+        for count in sorted({c for c, _, _, _ in moments[k]}):
+            group = [(m, inv, eps) for c, m, inv, eps in moments[k] if c == count]
+            mean = torch.stack([m for m, _, _ in group]).double()
+            inv = torch.stack([i for _, i, _ in group]).double()
+            var = (inv.pow(-2) - group[0][2]).clamp_min(0)
+            a, b = count * mean.sum(0), count * (var + mean * mean).sum(0)
+            s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
+            total = count * len(group) + (total or 0)
+        parts.append((s1.new_full((), float(total)), s1, s2))
     if _should_sync(sync):
         flat = torch.cat([t.reshape(-1) for p in parts for t in p])
         dist.all_reduce(flat)
@@ -330,8 +344,8 @@ def reset_bn(
             "Use bn=None, or 'repair'/'rescale' to renormalise a net without BatchNorm."
         )
     with torch.no_grad(), _Pass(net, bn_inputs=bns) as p:
-        counts, sums = p.run(_as_batches(batches), weights, stacked)
-    return _write_bn(net, weights, _bn_statistics(net, _reduce(counts, sums, sync)))
+        moments = p.run(_as_batches(batches), weights, stacked)
+    return _write_bn(net, weights, _bn_statistics(net, _reduce(moments, sync)))
 
 
 def site_statistics(
@@ -352,9 +366,9 @@ def site_statistics(
     batches = _as_batches(batches)
     if sites is None:
         sites = find_sites(net, batches[0][:2], _first(weights, stacked))
-    with torch.no_grad(), _Pass(net, sites=sites) as p:
-        counts, sums = p.run(batches, weights, stacked)
-    totals = _reduce(counts, sums, sync)
+    with torch.no_grad(), _Pass(net, sites=sites, eps=eps) as p:
+        moments = p.run(batches, weights, stacked)
+    totals = _reduce(moments, sync)
     out = {}
     for site in sites:
         mean, var, _ = _moments(*totals[f"out:{site.name}"])
@@ -399,7 +413,7 @@ def _fuse(w: WeightDict, net: nn.Module, site: Site, scale: Tensor, shift: Tenso
     w[f"{site.name}.bias"] = (bias.double() * view(scale, bias.dim()) + view(shift, bias.dim())).to(bias.dtype)
 
 
-def _interpolate_goal(stats_a: Stats, stats_b: Stats, t: Tensor) -> Stats:
+def _interpolate_goal(stats_a: Stats, stats_b: Stats, t: Tensor | float) -> Stats:
     return {
         name: ((1 - t) * stats_a[name][0] + t * stats_b[name][0], (1 - t) * stats_a[name][1] + t * stats_b[name][1])
         for name in stats_a
@@ -456,15 +470,17 @@ def renormalize(
                                for th in (theta_a, theta_b))
     stats_a, stats_b = endpoint_stats
     ref = next(iter(stats_a.values()))[0]
-    tt = torch.as_tensor(t, dtype=torch.float64, device=ref.device)
-    tt = tt.reshape(-1, 1) if stacked else tt.reshape(())
+    if stacked:
+        tt = torch.as_tensor(t, dtype=torch.float64).to(ref.device).reshape(-1, 1)
+    else:
+        tt = float(t)
     goal = _interpolate_goal({s.name: stats_a[s.name] for s in sites}, stats_b, tt)
     goal32 = {k: (m.float(), s.float()) for k, (m, s) in goal.items()}
     bns = batchnorms(net)
     with torch.no_grad():
         with _Pass(net, bn_inputs=bns, sites=sites, mode=mode, eps=eps) as p:
-            counts, sums = p.run(batches, theta_t, stacked, goal32)
-        totals = _reduce(counts, sums, sync)
+            moments = p.run(batches, theta_t, stacked, goal32)
+        totals = _reduce(moments, sync)
         bn_stats = _bn_statistics(net, totals)
         base = dict(theta_t) if theta_t is not None else {k: v.clone() for k, v in net.state_dict().items()}
         out = _write_bn(net, base, bn_stats)

@@ -19,6 +19,7 @@ from lmc_lightning.modules.path import seeded_subset
 from lmc_lightning.weights.evaluate import evaluate_path
 from lmc_lightning.weights.paths import Linear
 
+DDP = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # fork is fast but impossible after CUDA init
 NET = {"net": "mlp", "net_kwargs": {"depth": 1, "width": 16}, "seed": 0}
 
 
@@ -29,6 +30,7 @@ def _data(root: Path) -> FashionMNISTDataModule:
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("accelerator", "cpu")
     return pl.Trainer(limit_train_batches=4, limit_val_batches=0, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
 
@@ -47,7 +49,8 @@ def test_barrier_to_init_is_logged_and_matches_direct_evaluation(fake_fmnist_roo
     # The last measurement equals evaluate_path on the final and initial weights (no val split: the test split).
     dm = _data(fake_fmnist_root)
     dm.setup("test")
-    direct = evaluate_path(Linear(model.net.state_dict(), init), model.net, dm.split_tensors("test"), num_points=5)
+    direct = evaluate_path(Linear(model.net.state_dict(), init), model.net, dm.split_tensors("test"), num_points=5,
+                           device="cpu")
     assert by_epoch.history[-1]["barrier/loss"] == pytest.approx(direct.loss_barrier, abs=1e-6)
     assert by_epoch.history[-1]["barrier/accuracy"] == pytest.approx(direct.accuracy_barrier, abs=1e-9)
     assert direct.loss[0] < direct.loss[-1] - 0.05  # t=0 is the trained net, t=1 the (worse) initialisation
@@ -126,11 +129,12 @@ def test_ddp_barrier_with_bn_reset_equals_single_process(fake_fmnist_root: Path,
     model = TinyBNModule(lr=0.0)  # lr 0: the net keeps the weights loaded here, so the expected path is known
     model.net.load_state_dict(trained[0])
     callback = InterpolationBarrier(reference=str(ref), num_points=5, bn="reset", bn_batches=2, bn_batch_size=32)
-    trainer = _trainer(tmp_path, [callback], max_epochs=1, strategy="ddp_fork", accelerator="cpu", devices=2)
+    trainer = _trainer(tmp_path, [callback], max_epochs=1, strategy=DDP, devices=2)
     trainer.fit(model, datamodule=_data(fake_fmnist_root))
 
     direct = evaluate_path(Linear(trained[0], trained[1]), tiny_bn_net(0), dm.split_tensors("test"), num_points=5,
-                           bn="reset", train_data=seeded_subset((x, y), 64), bn_batches=2, bn_batch_size=32)
+                           bn="reset", train_data=seeded_subset((x, y), 64), bn_batches=2, bn_batch_size=32,
+                           device="cpu")
     assert direct.loss_barrier > 0.05  # two independently trained nets: the line between them rises
     for name in ("loss", "accuracy", "loss_mean", "accuracy_mean"):
         expected = getattr(direct, f"{name.split('_')[0]}_barrier" + ("_mean" if "mean" in name else ""))

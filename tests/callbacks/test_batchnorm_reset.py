@@ -14,6 +14,7 @@ from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules.path import seeded_subset
 
 NUM_BATCHES, BATCH_SIZE = 4, 32
+DDP = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # fork is fast but impossible after CUDA init
 
 
 def _expected(root: Path, val_split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +26,7 @@ def _expected(root: Path, val_split: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _trainer(tmp_path: Path, callback: BatchNormReset, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("accelerator", "cpu")
     return pl.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       callbacks=[callback], **kwargs)
@@ -52,7 +54,7 @@ def test_ddp_two_processes_equal_single_process(fake_fmnist_root: Path, tmp_path
     callback = RecordingBatchNormReset(str(tmp_path), on="train_epoch_end", num_batches=NUM_BATCHES,
                                        batch_size=BATCH_SIZE)
     data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32)
-    trainer = _trainer(tmp_path, callback, strategy="ddp_fork", accelerator="cpu", devices=2)
+    trainer = _trainer(tmp_path, callback, strategy=DDP, devices=2)
     trainer.fit(model, datamodule=data)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

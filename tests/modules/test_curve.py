@@ -66,8 +66,10 @@ def test_lmc_fit_then_test_trains_bends_and_keeps_endpoints(modes: list[Path], f
                                                             tmp_path: Path) -> None:
     out = tmp_path / "curve"
     ends = f"[{modes[0]},{modes[1]}]"
+    # num_points is given at fit time too: LightningCLI applies a checkpoint's hparams over the command line.
     main(["fit", "--model", "CurveModule", "--model.endpoints", ends, "--model.num_bends", "2",
-          "--model.num_samples", "2", "--model.optim.lr", "0.1", "--data.root", str(fake_fmnist_root),
+          "--model.num_samples", "2", "--model.num_points", "5", "--model.optim.lr", "0.1",
+          "--data.root", str(fake_fmnist_root),
           "--trainer.max_epochs", "2", *COMMON, *_logger(out)])
     ckpt = sorted(out.rglob("*.ckpt"))[0]
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -236,3 +238,25 @@ def test_bad_arguments_are_clear_errors(modes: list[Path]) -> None:
         SurfaceModule(bn="repair")
     with pytest.raises(ValueError, match="init_epochs"):
         SurfaceModule(init_epochs=-1)
+
+
+def test_curve_under_two_process_ddp(modes: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
+    """Gradients of the bends are all-reduced (ranks agree); the frozen endpoints are not broadcast every step."""
+
+    class Check(Callback):
+        def on_train_start(self, trainer, module) -> None:
+            ignored = trainer.strategy.model.parameters_to_ignore
+            assert {f"path.{n}" for n, _ in module.path.named_buffers()} <= ignored
+
+        def on_train_end(self, trainer, module) -> None:
+            total = torch.stack([p.detach().double().sum() for p in module.trainable_parameters()]).sum()
+            gathered = trainer.strategy.all_gather(total)
+            assert torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9), gathered
+            assert module.path.distance_to_linear().item() > 1e-6  # the bend was trained
+
+    ddp = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
+    model = CurveModule(endpoints=[str(p) for p in modes[:2]], optim=NO_DECAY)
+    trainer = _trainer(tmp_path, max_epochs=-1, max_steps=3, strategy=ddp, devices=2, accelerator="cpu",
+                       callbacks=[Check()])
+    trainer.fit(model, datamodule=FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32))
+    assert trainer.state.finished  # the callback's checks ran on both ranks

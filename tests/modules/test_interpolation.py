@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from lmc_lightning.modules import InterpolationModule
 
 CONFIG = Path(__file__).parents[2] / "configs" / "interpolation" / "fmnist_mlp.yaml"
 COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false"]
+          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
 
 
 def _logger(out: Path) -> list[str]:
@@ -39,6 +40,11 @@ def endpoints(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     return paths
 
 
+def _test_trainer(tmp_path: Path) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+
+
 def _test_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     dm = FashionMNISTDataModule(root=str(root))
     dm.setup("test")
@@ -48,7 +54,8 @@ def _test_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_lmc_test_writes_path_files(endpoints: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "interp"
     cli = main(["test", "--config", str(CONFIG), "--model.endpoints", f"[{endpoints[0]},{endpoints[1]}]",
-                "--model.num_points", "5", "--data.root", str(fake_fmnist_root), *_logger(out)])
+                "--model.num_points", "5", "--data.root", str(fake_fmnist_root), "--trainer.accelerator", "cpu",
+                *_logger(out)])
     files = {p.name: p for p in out.rglob("path.*")}
     assert set(files) == {"path.csv", "path.json", "path.png"}
     assert files["path.png"].stat().st_size > 1000
@@ -77,12 +84,9 @@ def test_lmc_test_writes_path_files(endpoints: list[Path], fake_fmnist_root: Pat
 
 def test_checkpoint_restores_path_without_endpoint_files(endpoints: list[Path], fake_fmnist_root: Path,
                                                          tmp_path: Path) -> None:
-    import lightning.pytorch as pl
-
     model = InterpolationModule(endpoints=[str(p) for p in endpoints], num_points=3)
     data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=64)
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                         enable_model_summary=False)
+    trainer = _test_trainer(tmp_path)
     trainer.test(model, datamodule=data, verbose=False)
     ckpt = tmp_path / "interp.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -93,15 +97,11 @@ def test_checkpoint_restores_path_without_endpoint_files(endpoints: list[Path], 
     for i, p in enumerate(endpoints):
         expected = load_net(p).state_dict()
         torch.testing.assert_close(restored.path.endpoint(i), dict(expected), rtol=0, atol=0)
-    again = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                       enable_model_summary=False)
-    again.test(restored, datamodule=data, verbose=False)
+    _test_trainer(tmp_path).test(restored, datamodule=data, verbose=False)
     assert restored.result.loss == pytest.approx(model.result.loss, abs=1e-6)
 
 
 def test_bn_reset_on_plain_state_dicts_equals_direct_evaluation(fake_fmnist_root: Path, tmp_path: Path) -> None:
-    import lightning.pytorch as pl
-
     from lmc_lightning.nets import get_net
     from lmc_lightning.weights.evaluate import evaluate_path
     from lmc_lightning.weights.paths import Linear
@@ -115,15 +115,14 @@ def test_bn_reset_on_plain_state_dicts_equals_direct_evaluation(fake_fmnist_root
                                 net_kwargs={"width": 0.0625}, num_points=3, bn="reset", bn_batches=2,
                                 bn_batch_size=64, output_dir=str(tmp_path / "out"))
     data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=64)
-    pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-               default_root_dir=tmp_path).test(model, datamodule=data, verbose=False)
+    _test_trainer(tmp_path).test(model, datamodule=data, verbose=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["path.csv", "path.json", "path.png"]
     direct = evaluate_path(Linear(nets[0].state_dict(), nets[1].state_dict()), nets[0], data.split_tensors("test"),
                            num_points=3, bn="reset", train_data=data.split_tensors("train"), bn_batches=2,
-                           bn_batch_size=64)
+                           bn_batch_size=64, device="cpu")
     assert model.result.loss == pytest.approx(direct.loss, abs=1e-6)
     unreset = evaluate_path(Linear(nets[0].state_dict(), nets[1].state_dict()), nets[0], data.split_tensors("test"),
-                            num_points=3)
+                            num_points=3, device="cpu")
     assert abs(unreset.loss[1] - direct.loss[1]) > 1e-3  # the reset changed the midpoint
 
 

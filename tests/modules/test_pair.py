@@ -14,11 +14,14 @@ from lmc_lightning.checkpoint import load_net
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import OptimConfig, PairModule
 
+# Forking is fast; it is impossible once CUDA is initialised in this process (then spawn, slower).
+DDP = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
 NET = {"net": "mlp", "net_kwargs": {"depth": 1, "width": 16}, "optim": OptimConfig(lr=0.1, scheduler="constant")}
 
 
 def _fit(root: Path, tmp_path: Path, model: PairModule, callbacks: list | None = None, **kwargs) -> pl.Trainer:
     kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("accelerator", "cpu")
     trainer = pl.Trainer(limit_train_batches=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=callbacks or [], **kwargs)
@@ -116,8 +119,7 @@ def test_spawn_under_two_process_ddp(fake_fmnist_root: Path, tmp_path: Path) -> 
     """Before the spawn net_b gets no real gradient; DDP (find_unused_parameters off) must still run."""
     model = PairModule(**NET, spawn_step=1, same_data_order=False)
     init = {k: v.clone() for k, v in model.net_a.state_dict().items()}
-    trainer = _fit(fake_fmnist_root, tmp_path, model, max_epochs=-1, max_steps=3, strategy="ddp_fork",
-                   accelerator="cpu", devices=2)
+    trainer = _fit(fake_fmnist_root, tmp_path, model, max_epochs=-1, max_steps=3, strategy=DDP, devices=2)
     assert trainer.state.finished and bool(model.spawned)  # rank 0's weights and buffers come back
     assert max((model.net_a.state_dict()[k] - v).abs().max().item() for k, v in init.items()) > 1e-3
     assert _max_diff(model.net_a, model.net_b) > 1e-4  # rank 0's nets, trained on different orders after step 1

@@ -330,13 +330,10 @@ def fmnist_modes(fmnist: dict[str, Tensor], train_classifier) -> list[nn.Module]
 
 
 @torch.no_grad()
-def test_losses(path, net: nn.Module, fmnist: dict[str, Tensor], coords: list[tuple[float, ...]]) -> list[float]:
+def eval_losses(path, net: nn.Module, fmnist: dict[str, Tensor], coords: list[tuple[float, ...]]) -> list[float]:
     net.eval()
     return [F.cross_entropy(functional_call(net, path(*c), (fmnist["x_test"],)), fmnist["y_test"]).item()
             for c in coords]
-
-
-test_losses.__test__ = False  # a helper, not a test
 
 
 def barrier(losses: list[float]) -> float:
@@ -349,11 +346,11 @@ def test_bezier_curve_removes_most_of_the_linear_barrier(fmnist, fmnist_modes) -
     a, b = (n.state_dict() for n in fmnist_modes[:2])
     net = fmnist_modes[0]
     ts = [(i / 10,) for i in range(11)]
-    linear = barrier(test_losses(Linear(a, b), net, fmnist, ts))
+    linear = barrier(eval_losses(Linear(a, b), net, fmnist, ts))
     assert linear > 0.3, f"endpoints should have a real barrier, got {linear:.3f}"
     curve = Bezier([a, b], 1)
     fit_path(curve, net, fmnist["x_train"], fmnist["y_train"], epochs=2, lr=0.05)
-    losses = test_losses(curve, net, fmnist, ts)
+    losses = eval_losses(curve, net, fmnist, ts)
     assert barrier(losses) <= 0.5 * linear, (losses, linear)
 
 
@@ -362,9 +359,9 @@ def test_trained_surface_lowers_the_max_grid_loss(fmnist, fmnist_modes) -> None:
     net = fmnist_modes[0]
     surf = BezierSurface([n.state_dict() for n in fmnist_modes], 1)
     grid = [(i / 4, j / 4) for i in range(5) for j in range(5)]
-    bilinear = max(test_losses(surf, net, fmnist, grid))
+    bilinear = max(eval_losses(surf, net, fmnist, grid))
     fit_path(surf, net, fmnist["x_train"], fmnist["y_train"], epochs=2, lr=0.05, num_samples=2)
-    trained = test_losses(surf, net, fmnist, grid)
+    trained = eval_losses(surf, net, fmnist, grid)
     assert max(trained) < 0.6 * bilinear, (max(trained), bilinear)
     corner_mean = sum(trained[k] for k in (0, 4, 20, 24)) / 4
     assert max(trained) < corner_mean + 0.5 * (bilinear - corner_mean)

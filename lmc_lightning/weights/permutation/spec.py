@@ -59,10 +59,10 @@ class PermutationSpec:
             for e in entries:
                 if e.block < 1:
                     raise ValueError(f"Group '{name}': block of {e.key}[{e.axis}] must be >= 1, got {e.block}.")
-                other = seen.setdefault((e.key, e.axis), name)
-                if other != name or entries.count(e) > 1:
-                    raise ValueError(f"Axis {e.axis} of '{e.key}' is listed twice (groups '{other}' and '{name}'); "
-                                     "an axis can follow only one permutation.")
+                if (e.key, e.axis) in seen:
+                    raise ValueError(f"Axis {e.axis} of '{e.key}' is listed twice (groups '{seen[(e.key, e.axis)]}' "
+                                     f"and '{name}'); an axis can follow only one permutation.")
+                seen[(e.key, e.axis)] = name
         unknown = sorted(set(self.activations) - set(self.groups))
         if unknown:
             raise ValueError(f"activations name groups {unknown} that are not in the spec.")

@@ -156,7 +156,7 @@ class _Tracer:
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 block = self.units(node, value, tensor.shape[0])
                 self.add_axis(node, f"{node.target}.{name}", 0, value.space, block,
-                              buffer=name in module._buffers)
+                              buffer=name in dict(module.named_buffers(recurse=False)))
 
     def dims(self, node: fx.Node, value: _Feat, dims: Any) -> list[int]:
         dims = [dims] if isinstance(dims, int) else list(dims)
@@ -350,7 +350,8 @@ class _Tracer:
         for space, names in self.producers.items():
             producers.setdefault(self.find(space), []).extend(names)
         for space, names in self.points.items():
-            points.setdefault(self.find(space), []).extend(n for n in names if n not in points.get(self.find(space), []))
+            merged = points.setdefault(self.find(space), [])
+            merged.extend(n for n in names if n not in merged)
         named: dict[str, list[Axis]] = {}
         activations: dict[str, list[str]] = {}
         for i, (root, axes) in enumerate(groups.items()):
