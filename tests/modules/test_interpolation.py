@@ -93,7 +93,9 @@ def test_checkpoint_restores_path_without_endpoint_files(endpoints: list[Path], 
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain types only
     assert all(not k.startswith("net.") for k in raw["state_dict"])  # the template is not stored
 
-    restored = InterpolationModule.load_from_checkpoint(ckpt, endpoints=None)  # no endpoint files needed
+    # Evaluation settings are not restored from the checkpoint (they come from the caller / command line).
+    assert "num_points" not in raw["hyper_parameters"] and "bn" not in raw["hyper_parameters"]
+    restored = InterpolationModule.load_from_checkpoint(ckpt, endpoints=None, num_points=3)  # no endpoint files
     for i, p in enumerate(endpoints):
         expected = load_net(p).state_dict()
         torch.testing.assert_close(restored.path.endpoint(i), dict(expected), rtol=0, atol=0)

@@ -13,6 +13,15 @@ from lmc_lightning.nets import get_net
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one thread avoids OpenMP stalls on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def bn_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     net = get_net("resnet20", num_classes=4, in_channels=1, input_size=8, width=0.25)
