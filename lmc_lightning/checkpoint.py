@@ -105,3 +105,24 @@ def load_net(path: str | os.PathLike, net: str | None = None, prefix: str = "net
     check_state_matches(module, state, source=str(path))
     module.load_state_dict(state)
     return module.eval()
+
+
+def save_net(path: str | os.PathLike, state_dict: Mapping[str, Tensor], spec: NetSpec) -> Path:
+    """Write weights as a checkpoint that :func:`load_net` reads (the ``EndpointModule`` layout), atomically.
+
+    Args:
+        path: Destination ``.ckpt``.
+        state_dict: The network's weights.
+        spec: Net spec as returned by :func:`load_weights` (``name``, ``num_classes``, ``in_channels``,
+            ``input_size`` and architecture arguments).
+    """
+    from lmc_lightning.io import atomic_torch_save
+
+    spec = dict(spec)
+    name = spec.pop("name")
+    num_classes = spec.pop("num_classes", 10)
+    shape = [spec.pop("in_channels", 3), spec.pop("input_size", 32), 0]
+    shape[2] = shape[1]
+    hparams = {"net": name, "num_classes": num_classes, "input_shape": shape, "net_kwargs": spec}
+    state = {f"net.{k}": v.detach().cpu() for k, v in state_dict.items()}
+    return atomic_torch_save({"state_dict": state, "hyper_parameters": hparams}, path)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmc_lightning.checkpoint import save_net
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, rank_info, seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
@@ -27,6 +28,8 @@ class InterpolationModule(PathModule):
             matching), ``"activation"`` (activation matching) or ``"ste"`` (straight-through estimator); ``None``
             interpolates the endpoints as they are. See :meth:`align_endpoints`.
         align_samples: Training samples used by activation and STE matching.
+        save_aligned: Write the aligned endpoint 1 to this ``.ckpt`` (readable by ``load_net`` and usable as an
+            endpoint of any path module); ``None``: don't.
         num_points: Points on ``t`` in [0, 1], endpoints included.
         bn: BatchNorm statistics at every point: ``"reset"``, ``"repair"``, ``"rescale"`` or ``None`` (interpolated).
         bn_batches: Batches of training data for the BN statistics.
@@ -52,6 +55,7 @@ class InterpolationModule(PathModule):
         endpoints: list[str] | None = None,
         align: AlignMode | None = None,
         align_samples: int = 5000,
+        save_aligned: str | None = None,
         num_points: int = 21,
         bn: BNMode | None = None,
         bn_batches: int = 20,
@@ -70,6 +74,8 @@ class InterpolationModule(PathModule):
     ) -> None:
         if align is not None and align not in ("weight", "activation", "ste"):
             raise ValueError(f"align must be None, 'weight', 'activation' or 'ste', got {align!r}.")
+        if save_aligned is not None and align is None:
+            raise ValueError("save_aligned needs an alignment method: pass --model.align weight|activation|ste.")
         if align_samples < 1:
             raise ValueError(f"align_samples must be >= 1, got {align_samples}.")
         if endpoints is not None and len(endpoints) != 2:
@@ -82,6 +88,7 @@ class InterpolationModule(PathModule):
         )
         self.align = align
         self.align_samples = align_samples
+        self.save_aligned = save_aligned
 
     def align_endpoints(self, thetas: list[WeightDict]) -> list[WeightDict]:
         """Permute ``theta_b`` into ``theta_a``'s basin (:func:`align_weights`); unchanged when ``align`` is None.
@@ -103,6 +110,9 @@ class InterpolationModule(PathModule):
         if world > 1:
             aligned = self.trainer.strategy.broadcast(aligned, src=0)
         rank_zero_info(f"InterpolationModule: aligned endpoint 1 to endpoint 0 by {self.align} matching.")
+        if self.save_aligned is not None and rank == 0:
+            save_net(self.save_aligned, aligned, self.net_spec)
+            rank_zero_info(f"InterpolationModule: wrote the aligned endpoint 1 to {self.save_aligned}.")
         return [thetas[0], {k: aligned[k] for k in thetas[1]}]
 
     def prepare_endpoints(self, thetas: list[WeightDict]) -> list[WeightDict]:

@@ -141,6 +141,19 @@ def test_weight_matching_alignment_keeps_endpoint_function(endpoints: list[Path]
     assert not torch.equal(aligned["hidden.0.weight"], net_b.state_dict()["hidden.0.weight"])  # units permuted
 
 
+def test_aligned_endpoint_is_saved_and_loadable(endpoints: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "aligned.ckpt"
+    model = InterpolationModule(endpoints=[str(p) for p in endpoints], align="weight", save_aligned=str(out))
+    model.setup("test")
+    saved = load_net(out)
+    torch.testing.assert_close(saved.state_dict(), dict(model.path.endpoint(1)), rtol=0, atol=0)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), load_net(endpoints[1])(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="save_aligned needs an alignment method"):
+        InterpolationModule(endpoints=[str(p) for p in endpoints], save_aligned=str(out))
+
+
 def test_plain_state_dicts_need_and_take_the_architecture(endpoints: list[Path], tmp_path: Path) -> None:
     plain = []
     for i, p in enumerate(endpoints):
