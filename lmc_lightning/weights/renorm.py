@@ -213,11 +213,11 @@ class _Pass:
             self._record(f"out:{name}", out, mean, invstd, self.eps)
             return None
         goal_mean, goal_std = self.goal[name]
-        bias = goal_mean
+        bias = goal_mean if self.mode == "repair" else None
         fixed, mean, invstd = torch.native_batch_norm(out, goal_std, bias, None, None, True, 0.0, self.eps)
         self._record(f"out:{name}", out, mean, invstd, self.eps)
         if self.mode == "rescale":
-            pass
+            fixed = fixed + mean.to(fixed.dtype).view(1, -1, *[1] * (out.dim() - 2))
         return fixed.to(out.dtype)
 
     def run(
@@ -495,6 +495,6 @@ def renormalize(
                 mu, var, _ = _moments(*totals[f"out:{site.name}"])
             goal_mean, goal_std = goal[site.name]
             scale = goal_std / torch.sqrt(var + eps)
-            shift = goal_mean - scale * mu
+            shift = goal_mean - scale * mu if mode == "repair" else (1 - scale) * mu
             _fuse(out, net, site, scale, shift, stacked)
     return out
