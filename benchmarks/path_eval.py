@@ -1,7 +1,8 @@
 """Benchmark: evaluating a linear path at many points, three ways, same points, same numbers.
 
 (a) the seed codebases' way: fp32, ``load_state_dict`` into a module per point, BN reset (train-mode pass with
-    ``momentum=None``) and evaluation through DataLoaders from host memory, ``.item()`` per batch;
+    ``momentum=None``) and evaluation through DataLoaders from host memory (TensorDataset, no workers, so no
+    augmentation or decoding cost is counted against it), ``.item()`` per batch;
 (b) a plain fp32 loop on device-resident data (weights loaded per point, BN reset and evaluation on device tensors);
 (c) ours: :func:`lmc_lightning.weights.evaluate.evaluate_path` with its defaults (plus, with ``--strategies``, forced
     ``loop`` and ``vmap`` rows).

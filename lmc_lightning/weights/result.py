@@ -16,6 +16,13 @@ from lmc_lightning.io import atomic_write_text
 from lmc_lightning.metrics.functional import barrier
 
 
+def _jsonable(value: Any) -> Any:
+    """JSON form of numpy values and tensors that end up in ``meta``; ``str`` for anything else."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
 @dataclass
 class PathResult:
     """Loss and accuracy at ``P`` points.
@@ -104,7 +111,7 @@ class PathResult:
 
     def to_json(self, path: str | os.PathLike) -> FilePath:
         """Write :meth:`to_dict` as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> PathResult:

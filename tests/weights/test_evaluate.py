@@ -131,6 +131,19 @@ def test_repair_vmap_equals_loop(data, bn):
         assert abs(loop.loss[1] - plain[1]) > 1e-3  # and changes the midpoint
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_bf16_autocast_stays_close_to_fp32(bn_pair, data, strategy):
+    a, b = bn_pair
+    x, y, (xs, _) = data
+    path = Linear(a.state_dict(), b.state_dict())
+    kw = dict(num_points=3, bn="repair", train_data=xs, bn_batches=2, bn_batch_size=100, device="cpu",
+              strategy=strategy)
+    fp32 = evaluate_path(path, a, (x, y), precision="32", **kw)
+    bf16 = evaluate_path(path, a, (x, y), precision="bf16", **kw)
+    assert bf16.meta["precision"] == "bf16" and fp32.meta["precision"] == "32"
+    np.testing.assert_allclose(bf16.loss, fp32.loss, atol=2e-2)
+
+
 def test_identical_endpoints_have_zero_barrier(bn_pair, data):
     a, _ = bn_pair
     x, y, _ = data
@@ -158,7 +171,8 @@ def test_bad_inputs_are_clear_errors(bn_pair, data):
         evaluate_path(path, a, (x, y), bn="renorm")
     with pytest.raises(TypeError, match="split_tensors"):
         evaluate_path(path, a, "test-set")
-    assert choose_strategy(mlp) == "vmap" and choose_strategy(a) == "loop"
+    assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(a, "cuda") == "loop"
+    assert choose_strategy(mlp, "cpu") == "loop"
 
 
 class FakeDataModule:
@@ -274,3 +288,28 @@ def test_repair_lowers_the_barrier_of_a_bias_free_net_on_fashion_mnist(fmnist, t
     assert repaired.loss_barrier < 0.5 * plain.loss_barrier
     assert rescaled.loss_barrier < 0.6 * plain.loss_barrier
     assert repaired.accuracy_barrier < plain.accuracy_barrier
+
+
+def test_align_recovers_a_hidden_permutation_and_removes_the_barrier() -> None:
+    """B is A with its hidden units shuffled: unaligned the line has a barrier, aligned it is flat (barrier ~0)."""
+    from lmc_lightning.nets import get_net
+
+    torch.manual_seed(0)
+    net = get_net("mlp", num_classes=5, in_channels=1, input_size=4, depth=2, width=32).eval()
+    theta_a = net.state_dict()
+    perm = torch.randperm(32)
+    theta_b = dict(theta_a)
+    layers = [k[: -len(".weight")] for k in theta_a if k.endswith(".weight")]
+    theta_b[f"{layers[0]}.weight"] = theta_a[f"{layers[0]}.weight"][perm]
+    theta_b[f"{layers[0]}.bias"] = theta_a[f"{layers[0]}.bias"][perm]
+    theta_b[f"{layers[1]}.weight"] = theta_a[f"{layers[1]}.weight"][:, perm]
+    x = torch.randn(256, 1, 4, 4)
+    y = net(x).argmax(1)  # labels the endpoints fit perfectly
+    plain = evaluate_path(Linear(theta_a, theta_b), net, (x, y), num_points=5, device="cpu")
+    aligned = evaluate_path(Linear(theta_a, theta_b), net, (x, y), num_points=5, device="cpu", align="weight")
+    assert plain.loss_barrier > 0.01
+    assert aligned.loss_barrier == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="align= works on Linear and Arc"):
+        from lmc_lightning.weights.curves import Bezier
+
+        evaluate_path(Bezier([theta_a, theta_b], num_bends=1), net, (x, y), num_points=3, align="weight")
