@@ -106,6 +106,8 @@ class DeviceLoader:
         seed: Seed of the augmentation stream (mixed with epoch and rank).
     """
 
+    batch_sampler = None  # read by Lightning's loader checks, which expect DataLoader's attributes
+
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, sampler: ShardedSampler, transform: BatchTransform,
                  seed: int = 0) -> None:
         if len(x) != len(y) or len(x) != sampler.n:

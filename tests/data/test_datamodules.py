@@ -262,3 +262,15 @@ def test_device_resident_under_trainer(fake_data_root):
     for epoch_ids in ids:
         assert torch.equal(epoch_ids.sort().values, expected)  # every sample exactly once per epoch
     assert not torch.equal(ids[0], ids[1])  # reshuffled between epochs
+
+
+def test_device_resident_fit_with_validation(fake_data_root):
+    """An EndpointModule trains and validates (incl. Lightning's sanity check) on device-resident batches."""
+    from lmc_lightning.modules import EndpointModule
+
+    dm = MNISTDataModule(root=str(fake_data_root), batch_size=16, device_resident=True, val_split=16)
+    model = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 8}, input_shape=dm.input_shape)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert {"train/loss_epoch", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
