@@ -1,11 +1,13 @@
 """Evaluate a path (or surface) of weights at many points: one evaluator for every path type.
 
 Fast by construction: the test data and the statistics batches move to the device once for all points; on CUDA,
-conv nets run under bf16 autocast with channels_last; and points are either evaluated one after another on a private
-copy of the net (``"loop"``: weights copied in place, plain module forward) or batched with ``torch.func.vmap`` over
-weights stacked along a leading dim (``"vmap"``). Measured on an H100, vmap made an MLP 2.7x faster than the loop but
-ResNet-20x4 0.73x, so ``strategy="auto"`` uses vmap only on CUDA, for nets without conv layers and with at most
-:data:`VMAP_MAX_PARAMS` parameters. In fp32 both strategies equal a plain per-point loop to float rounding.
+every net runs under bf16 autocast (conv nets also channels_last, cuDNN autotuned); and points are either evaluated
+one after another on a private copy of the net (``"loop"``: weights copied in place, plain module forward) or batched
+with ``torch.func.vmap`` over weights stacked along a leading dim (``"vmap"``). Measured on an H100 (21 points, BN reset
+on 20 x 500, 10k test images), vmap was 1.3x faster than the loop for a 2.1M-parameter MLP and 1.6x for ResNet-20x1
+(0.27M), but 0.73x for ResNet-20x4 (4.3M) and 0.80x for VGG-16-BN, so ``strategy="auto"`` uses vmap on CUDA for
+conv-free nets up to :data:`VMAP_MAX_PARAMS` parameters and conv nets up to :data:`VMAP_MAX_CONV_PARAMS`. In fp32
+both strategies equal a plain per-point loop to float rounding.
 
 Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``; see :mod:`lmc_lightning.weights.renorm`) are taken at every
 point on the same ``bn_batches x bn_batch_size`` training samples, a subset drawn with :data:`STATS_SEED` (all of the
@@ -38,6 +40,7 @@ from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
+VMAP_MAX_CONV_PARAMS = 1_000_000
 """``strategy="auto"`` picks vmap for nets without conv layers up to this many parameters (else the loop)."""
 
 STATS_SEED = 0
@@ -105,12 +108,24 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def choose_strategy(net: nn.Module, device: str | torch.device = "cuda") -> str:
-    """What ``strategy="auto"`` picks: ``"vmap"`` for nets without conv layers and with at most
-    :data:`VMAP_MAX_PARAMS` parameters on CUDA, else ``"loop"`` (on CPU, batching points gains nothing: a 2-core
-    run of the MLP benchmark measured vmap 0.87x of the loop)."""
+    """What ``strategy="auto"`` picks: on CUDA, ``"vmap"`` for small nets (at most :data:`VMAP_MAX_PARAMS` parameters
+    without conv layers, :data:`VMAP_MAX_CONV_PARAMS` with), where launch overhead dominates; else ``"loop"`` (on CPU,
+    batching points gains nothing: a 2-core run of the MLP benchmark measured vmap 0.87x of the loop)."""
     has_conv = any(isinstance(m, _ConvNd) for m in net.modules())
     size = sum(p.numel() for p in net.parameters())
-    return "vmap" if torch.device(device).type == "cuda" and not has_conv and size <= VMAP_MAX_PARAMS else "loop"
+    limit = VMAP_MAX_CONV_PARAMS if has_conv else VMAP_MAX_PARAMS
+    return "vmap" if torch.device(device).type == "cuda" and size <= limit else "loop"
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device):
+    """Let cuDNN pick the fastest conv algorithms for the fixed evaluation shapes (restored afterwards)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _materialize(net: nn.Module, sites: Sequence[renorm.Site]) -> dict[str, Tensor]:
@@ -276,7 +291,7 @@ def evaluate_path(
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
         batch_size: Evaluation batch size (per point).
         device: Default: CUDA when available, else CPU.
-        precision: ``"auto"`` (bf16 autocast and channels_last for conv nets on CUDA, else fp32), ``"32"``
+        precision: ``"auto"`` (bf16 autocast on CUDA, with channels_last for conv nets; fp32 on CPU), ``"32"``
             (fp32 everywhere) or ``"bf16"`` (bf16 autocast on any device).
         strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (:func:`choose_strategy`).
         chunk_size: Points per vmap call (default: all points at once).
@@ -324,7 +339,7 @@ def evaluate_path(
                          "Use bn=None, or 'repair'/'rescale' for nets without BatchNorm.")
     has_conv = any(isinstance(m, _ConvNd) for m in work.modules())
     mode = _PRECISIONS[precision]
-    bf16 = mode == "bf16" or (mode == "auto" and device.type == "cuda" and has_conv)
+    bf16 = mode == "bf16" or (mode == "auto" and device.type == "cuda")
     channels_last = bf16 and has_conv and device.type == "cuda"
     chosen = choose_strategy(work, device) if strategy == "auto" else strategy
 
@@ -341,7 +356,7 @@ def evaluate_path(
     ev = _Evaluator(test_batches, len(pts), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, _cudnn_autotune(device):
         sites, endpoint_stats, defaults = None, None, {}
         if bn in ("repair", "rescale"):
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)

@@ -18,13 +18,7 @@ pytestmark = pytest.mark.slow
 Correction = Callable[[dict[str, Tensor], float], dict[str, Tensor]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread avoids oversubscribing shared CPU cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_barrier(net: nn.Module, theta_a: dict[str, Tensor], theta_b: dict[str, Tensor], x: Tensor, y: Tensor,

@@ -17,14 +17,7 @@ from lmc_lightning.weights.evaluate import choose_strategy, evaluate_path
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.result import PathResult
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int, **kwargs) -> nn.Module:
@@ -171,8 +164,10 @@ def test_bad_inputs_are_clear_errors(bn_pair, data):
         evaluate_path(path, a, (x, y), bn="renorm")
     with pytest.raises(TypeError, match="split_tensors"):
         evaluate_path(path, a, "test-set")
-    assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(a, "cuda") == "loop"
-    assert choose_strategy(mlp, "cpu") == "loop"
+    big_conv = get_net("resnet20", num_classes=10, in_channels=3, width=4)  # 4.3M parameters
+    assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(a, "cuda") == "vmap"  # small: launch-bound
+    assert choose_strategy(big_conv, "cuda") == "loop"
+    assert choose_strategy(mlp, "cpu") == "loop" and choose_strategy(a, "cpu") == "loop"
 
 
 class FakeDataModule:

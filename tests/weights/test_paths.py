@@ -12,14 +12,7 @@ from torch.func import functional_call
 from lmc_lightning.nets import get_net
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bn_net(seed: int) -> nn.Module:

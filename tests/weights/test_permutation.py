@@ -26,13 +26,7 @@ from lmc_lightning.weights.permutation.batches import capture_module, run_with
 SMALL = {"mlp": {"width": 16, "depth": 3}, "resnet18": {"width": 0.0625}, "preresnet": {"depth": 8, "width": 0.25}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing shared CPU cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(name: str, seed: int = 0, **kwargs) -> nn.Module:

@@ -17,14 +17,7 @@ from lmc_lightning.nets import get_net
 from lmc_lightning.weights import renorm
 from lmc_lightning.weights.paths import Linear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(name: str, seed: int, **kwargs) -> nn.Module:
