@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-bends", type=int, default=1)
     parser.add_argument("--width", type=int, default=4, help="width multiplier of conv nets")
     parser.add_argument("--mlp-width", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.nets = args.nets or ["mlp", "resnet20"]
         args.steps, args.warmup, args.width, args.mlp_width, args.batch_size = 5, 2, 1, 256, 32

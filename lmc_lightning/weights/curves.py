@@ -16,6 +16,7 @@ Control-point order (the order of :meth:`Path.coefficients` columns and of ``ini
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -28,6 +29,15 @@ CORNERS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
 """``(u, v)`` position of each corner mode of a :class:`BezierSurface`, in the order the corners are given."""
 
 
+@functools.lru_cache(maxsize=64)
+def _bernstein_constants(degree: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Exponents ``k`` and binomial coefficients ``C(n, k)`` (cached: built once per degree, dtype and device)."""
+    with torch.inference_mode(False):
+        k = torch.arange(degree + 1, dtype=dtype, device=device)
+        binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=dtype, device=device)
+    return k, binom
+
+
 def bernstein(t: Tensor, degree: int) -> Tensor:
     """Bernstein basis polynomials ``C(n, k) t^k (1 - t)^(n - k)``.
 
@@ -38,8 +48,7 @@ def bernstein(t: Tensor, degree: int) -> Tensor:
     Returns:
         ``[P, degree + 1]`` basis values; every row sums to 1.
     """
-    k = torch.arange(degree + 1, dtype=t.dtype, device=t.device)
-    binom = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=t.dtype, device=t.device)
+    k, binom = _bernstein_constants(degree, t.dtype, t.device)
     t = t[:, None]
     return binom * t.pow(k) * (1 - t).pow(degree - k)
 
@@ -149,16 +158,55 @@ class ControlPath(Path):
     def _split(self, coords: Tensor) -> tuple[Tensor, Tensor]:
         """Coefficients of the fixed and the free points, ``[P, n_fixed]`` and ``[P, n_free]``, on the device.
 
-        Computed on the CPU and copied asynchronously (pinned memory on CUDA), so a training step never waits on
-        the GPU for its coefficients.
+        Computed on the CPU and sent in one small copy without pinning (no page-locked allocation per call, no wait
+        on the GPU); both parts are column views of that one tensor.
         """
         coords = coords.detach().to("cpu", torch.float64).reshape(-1, self.dim)
         coef = self.coefficients(coords)
         ref = self._fixed(self.float_keys[0])
-        parts = (coef[:, self.fixed_index].to(ref.dtype), coef[:, self.free_index].to(ref.dtype))
-        if ref.device.type == "cuda":
-            return tuple(c.pin_memory().to(ref.device, non_blocking=True) for c in parts)
-        return tuple(c.to(ref.device) for c in parts)
+        both = coef[:, self.fixed_index + self.free_index].to(ref.dtype)
+        if ref.device.type != "cpu":
+            both = both.to(ref.device, non_blocking=True)
+        return both[:, : self.num_fixed], both[:, self.num_fixed :]
+
+    def _flat_layout(self, copy_keys: frozenset[str]) -> _FlatLayout:
+        """The cached :class:`_FlatLayout` for ``copy_keys``, rebuilt whenever a stored tensor changed."""
+        cache = self.__dict__.setdefault("_flat_cache", {})
+        layout = cache.get(copy_keys)
+        if layout is not None and layout.still_valid(self):
+            return layout
+        layout = _FlatLayout(self, copy_keys)
+        cache[copy_keys] = layout
+        return layout
+
+    def _point(self, coords: Sequence[float], copy_keys: frozenset[str] = frozenset()) -> WeightDict:
+        """Weights at one point, every group of keys computed by one fused combination of flat control points.
+
+        Keys whose free points need gradients form one flat vector ``c_fixed @ fixed + c_free @ cat(free)`` (one
+        concatenation, two matrix products; the backward is as many ops), viewed per key. ``copy_keys`` (buffers the
+        net may update in place) come back as fresh tensors, detached, sharing nothing with the other keys.
+        """
+        coef_fixed, coef_free = self._split(torch.tensor([float(x) for x in coords], dtype=torch.float64))
+        layout = self._flat_layout(copy_keys)
+        out: WeightDict = {}
+        free = self.free_store._parameters
+        for group in layout.float_groups:
+            with torch.set_grad_enabled(group.grad and torch.is_grad_enabled()):
+                flat = torch.mm(coef_fixed, group.fixed)
+                if self.num_free:
+                    points = group.free
+                    if points is None:
+                        points = torch.cat([free[_slot(k)].reshape(self.num_free, -1) for k in group.keys], 1)
+                    flat = torch.addmm(flat, coef_free, points)
+            for key, piece, shape in zip(group.keys, flat.view(-1).split(group.sizes), group.shapes, strict=True):
+                out[key] = piece.view(shape)
+        for group in layout.other_groups:
+            flat = group.fixed.clone()
+            for key, piece, shape in zip(group.keys, flat.split(group.sizes), group.shapes, strict=True):
+                out[key] = piece.view(shape)
+        for key in layout.stored_keys:
+            out[key] = self.other_store._buffers[_slot(key)]
+        return {key: out[key] for key in self.keys_}
 
     def _combine(self, key: str, coef_fixed: Tensor, coef_free: Tensor) -> Tensor:
         """``[P, *shape]`` weights of ``key`` from the split coefficients, without stacking the control points."""
@@ -184,14 +232,73 @@ class ControlPath(Path):
         """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
         if len(coords) != self.dim:
             raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
-        coef = self._split(torch.tensor([float(x) for x in coords], dtype=torch.float64))
-        out: WeightDict = {}
-        for key in self.keys_:
-            if key in self.float_keys:
-                out[key] = self._combine(key, *coef)[0]
-            else:
-                out[key] = getattr(self.other_store, _slot(key))
-        return out
+        return self._point(coords)
+
+
+class _KeyGroup:
+    """Keys whose control points are combined as one flat vector: ``fixed`` ``[n_fixed, N]`` (or, for non-floating
+    keys, the ``[N]`` carried values), ``free`` ``[n_free, N]`` when cached, ``None`` when concatenated every call
+    (trainable points), and per-key sizes and shapes to view the result."""
+
+    def __init__(self, keys: list[str], tensors: list[Tensor], lead: int | None, grad: bool = False) -> None:
+        self.keys, self.grad = keys, grad
+        self.shapes = [t.shape[1:] if lead is not None else t.shape for t in tensors]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        flat = [t.reshape(lead, -1) if lead is not None else t.reshape(-1) for t in tensors]
+        self.fixed = torch.cat(flat, dim=-1)
+        self.free: Tensor | None = None
+
+
+class _FlatLayout:
+    """Flat copies of a :class:`ControlPath`'s stored control points, grouped so each group is one fused op.
+
+    Groups: floating keys whose free points train (free points concatenated per call so gradients reach the
+    per-key parameters), ``copy_keys`` (fresh detached copies for in-place updates), other floating keys, and the
+    non-floating ``copy_keys`` by dtype (one clone each). The rest of the non-floating keys are returned as stored.
+    """
+
+    def __init__(self, path: ControlPath, copy_keys: frozenset[str]) -> None:
+        free = path.free_store._parameters
+        n_free = path.num_free
+        trains = [k for k in path.float_keys if k not in copy_keys and n_free and free[_slot(k)].requires_grad]
+        copies = [k for k in path.float_keys if k in copy_keys]
+        rest = [k for k in path.float_keys if k not in copy_keys and k not in trains]
+        self.float_groups: list[_KeyGroup] = []
+        with torch.no_grad(), torch.inference_mode(False):
+            for keys, grad in ((trains, True), (copies, False), (rest, False)):
+                if not keys:
+                    continue
+                group = _KeyGroup(keys, [path._fixed(k) for k in keys], path.num_fixed, grad)
+                if not grad and n_free:
+                    group.free = torch.cat([free[_slot(k)].reshape(n_free, -1) for k in keys], 1)
+                self.float_groups.append(group)
+            others = [k for k in path.keys_ if k not in path.float_keys and k in copy_keys]
+            stored = {k: path.other_store._buffers[_slot(k)] for k in others}
+            self.other_groups = [
+                _KeyGroup(keys, [stored[k] for k in keys], None)
+                for dtype in dict.fromkeys(t.dtype for t in stored.values())
+                for keys in [[k for k in others if stored[k].dtype == dtype]]
+            ]
+        self.stored_keys = [k for k in path.keys_ if k not in path.float_keys and k not in copy_keys]
+        trained = {_slot(k) for k in trains}
+        # Tensors copied into this layout: watched for edits. Aliases keep their memory alive, so an address seen
+        # again is the same tensor.
+        self.watched = [*path.fixed_store._buffers.values(), *path.other_store._buffers.values(),
+                        *(p for name, p in free.items() if name not in trained)]
+        self.aliases = [t.detach() for t in self.watched]
+        self.signature = self._signature(path)
+
+    def _signature(self, path: ControlPath) -> tuple:
+        free = path.free_store._parameters.values()
+        return (tuple(map(Tensor.data_ptr, self.watched)), tuple(t._version for t in self.watched),
+                tuple(map(Tensor.data_ptr, free)), tuple(p.requires_grad for p in free))
+
+    def still_valid(self, path: ControlPath) -> bool:
+        """Whether no copied tensor of ``path`` was replaced or edited in place since this layout was built."""
+        current = [*path.fixed_store._buffers.values(), *path.other_store._buffers.values()]
+        if any(a is not b for a, b in zip(current, self.watched, strict=False)) or len(current) > len(self.watched):
+            return False
+        return self._signature(path) == self.signature
 
 
 def _curve_linear_weights(num_bends: int) -> Tensor:

@@ -10,6 +10,7 @@ their statistics recomputed afterwards (BN reset).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection
 
 import torch
@@ -73,10 +74,64 @@ def training_weights(path: Path, coords: Tensor, buffer_keys: Collection[str] = 
         coords: ``[dim]`` coordinates of the point.
         buffer_keys: Keys of the net's buffers (BN running statistics, counters).
     """
+    if isinstance(path, ControlPath):
+        return path._point(coords.tolist(), frozenset(buffer_keys))
     w = path(*coords.tolist())
     for key in buffer_keys:
         w[key] = w[key].detach().clone()
     return w
+
+
+class _Slots:
+    """Where each state-dict key of a net lives (``module._parameters`` or ``module._buffers``), to swap tensors in.
+
+    A cheaper :func:`torch.func.functional_call` for the training loop (a dict assignment per key). Built once per
+    net and key list; checked on every call against the module tree, so a replaced submodule rebuilds it.
+    """
+
+    def __init__(self, net: nn.Module, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        modules = dict(net.named_modules(remove_duplicate=False))
+        self.tree = [(parent, name, child) for parent in modules.values() for name, child in parent._modules.items()]
+        self.slots: list[dict[str, Tensor]] | None = []
+        for key in keys:
+            prefix, _, name = key.rpartition(".")
+            module = modules.get(prefix)
+            where = None if module is None else (
+                module._parameters if name in module._parameters else module._buffers if name in module._buffers
+                else None)
+            if where is None:
+                self.slots = None  # not a plain parameter or buffer: leave it to functional_call
+                return
+            self.slots.append(where)
+        tensors = [slot[key.rpartition(".")[2]] for slot, key in zip(self.slots, keys, strict=True)]
+        if len({id(t) for t in tensors if t is not None}) < sum(t is not None for t in tensors):
+            self.slots = None  # tied weights: functional_call resolves them
+
+    def current(self) -> bool:
+        return all(parent._modules.get(name) is child for parent, name, child in self.tree)
+
+
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slots] = weakref.WeakKeyDictionary()
+
+
+def _call(net: nn.Module, weights: WeightDict, x: Tensor) -> Tensor:
+    """``functional_call(net, weights, (x,))`` with the tensors swapped straight into the module dicts."""
+    keys = tuple(weights)
+    slots = _SLOTS.get(net)
+    if slots is None or slots.keys != keys or not slots.current():
+        slots = _SLOTS[net] = _Slots(net, keys)
+    if slots.slots is None:
+        return functional_call(net, weights, (x,))
+    names = [key.rpartition(".")[2] for key in keys]
+    saved = [slot[name] for slot, name in zip(slots.slots, names, strict=True)]
+    try:
+        for slot, name, key in zip(slots.slots, names, keys, strict=True):
+            slot[name] = weights[key]
+        return net(x)
+    finally:
+        for slot, name, tensor in zip(slots.slots, names, saved, strict=True):
+            slot[name] = tensor
 
 
 def path_loss(
@@ -103,10 +158,8 @@ def path_loss(
     """
     param_keys = set(parameter_keys(net) if param_keys is None else param_keys)
     buffer_keys = [k for k in path.keys_ if k not in param_keys]
-    total = 0.0
-    for c in coords:
-        total = total + loss_fn(functional_call(net, training_weights(path, c, buffer_keys), (x,)), y)
-    loss = total / coords.shape[0]
+    losses = [loss_fn(_call(net, training_weights(path, c, buffer_keys), x), y) for c in coords]
+    loss = losses[0] if len(losses) == 1 else sum(losses[1:], losses[0]) / len(losses)
     if reg:
         if not isinstance(path, ControlPath):
             raise TypeError(f"reg needs a path with a linear reference (ControlPath), got {type(path).__name__}.")
