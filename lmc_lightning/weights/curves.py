@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lmc_lightning.weights.paths import Path, WeightDict, _slot, check_compatible
+from lmc_lightning.weights.paths import Path, WeightDict, _slot, check_compatible, combine
 
 CORNERS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
 """``(u, v)`` position of each corner mode of a :class:`BezierSurface`, in the order the corners are given."""
@@ -183,7 +183,7 @@ class ControlPath(Path):
         """Weights at one point, every group of keys computed by one fused combination of flat control points.
 
         Keys whose free points need gradients form one flat vector ``c_fixed @ fixed + c_free @ cat(free)`` (one
-        concatenation, two matrix products; the backward is as many ops), viewed per key. ``copy_keys`` (buffers the
+        concatenation and a few multiply-adds, see :func:`combine`), viewed per key. ``copy_keys`` (buffers the
         net may update in place) come back as fresh tensors, detached, sharing nothing with the other keys.
         """
         coef_fixed, coef_free = self._split(torch.tensor([float(x) for x in coords], dtype=torch.float64))
@@ -192,12 +192,12 @@ class ControlPath(Path):
         free = self.free_store._parameters
         for group in layout.float_groups:
             with torch.set_grad_enabled(group.grad and torch.is_grad_enabled()):
-                flat = torch.mm(coef_fixed, group.fixed)
+                flat = combine(coef_fixed, group.fixed)
                 if self.num_free:
                     points = group.free
                     if points is None:
                         points = torch.cat([free[_slot(k)].reshape(self.num_free, -1) for k in group.keys], 1)
-                    flat = torch.addmm(flat, coef_free, points)
+                    flat = flat + combine(coef_free, points)
             for key, piece, shape in zip(group.keys, flat.view(-1).split(group.sizes), group.shapes, strict=True):
                 out[key] = piece.view(shape)
         for group in layout.other_groups:
@@ -211,9 +211,9 @@ class ControlPath(Path):
     def _combine(self, key: str, coef_fixed: Tensor, coef_free: Tensor) -> Tensor:
         """``[P, *shape]`` weights of ``key`` from the split coefficients, without stacking the control points."""
         fixed = self._fixed(key)
-        out = coef_fixed @ fixed.flatten(1)
+        out = combine(coef_fixed, fixed.flatten(1))
         if self.num_free:
-            out = torch.addmm(out, coef_free, self._free(key).flatten(1))
+            out = out + combine(coef_free, self._free(key).flatten(1))
         return out.view(-1, *fixed.shape[1:])
 
     def stacked(self, coords) -> WeightDict:

@@ -36,7 +36,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, Dataset
 
 from lmc_lightning.weights import renorm
-from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
+from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, combine
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
@@ -184,10 +184,12 @@ class _Points:
 
     Paths are linear combinations of control points (see :mod:`lmc_lightning.weights.paths`): the coefficients of
     all points are computed once on the device, the control points are stacked once, and each point (or chunk) is
-    one ``tensordot`` per key, the same operations as ``path(t)`` / ``path.stacked(coords)``.
+    one :func:`~lmc_lightning.weights.paths.combine` per key, the same operations as ``path(t)`` /
+    ``path.stacked(coords)``.
     """
 
-    def __init__(self, path: Path, coords: Tensor, device: torch.device) -> None:
+    def __init__(self, path: Path, coords: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
         coef = path.coefficients(coords.to(device))
         self.ctrl = {k: path.control_points(k) for k in path.float_keys}
         self.coef = {dtype: coef.to(dtype) for dtype in {v.dtype for v in self.ctrl.values()}}
@@ -197,13 +199,15 @@ class _Points:
 
     def at(self, i: int) -> dict[str, Tensor]:
         """Weights at point ``i``."""
-        out = {k: torch.tensordot(self.coef[v.dtype][i], v, dims=1) for k, v in self.ctrl.items()}
+        out = {k: combine(self.coef[v.dtype][i], v) for k, v in self.ctrl.items()}
         out.update(self.other)
         return {k: out[k] for k in self.keys}
 
     def chunk(self, start: int, stop: int) -> dict[str, Tensor]:
         """Weights at points ``start:stop``, stacked along a leading dim."""
-        out = {k: torch.einsum("pn,n...->p...", self.coef[v.dtype][start:stop], v) for k, v in self.ctrl.items()}
+        out = {k: combine(self.coef[v.dtype][start:stop], v) for k, v in self.ctrl.items()}
+        if self.dtype is not None:  # vmap passes these to the ops directly: match the autocast compute dtype
+            out = {k: v.to(self.dtype) for k, v in out.items()}
         out.update({k: v.unsqueeze(0).expand(stop - start, *v.shape) for k, v in self.other.items()})
         return {k: out[k] for k in self.keys}
 
@@ -367,7 +371,7 @@ def evaluate_path(
                                    for th in (theta_a, theta_b))
             if chosen == "loop":
                 defaults = _materialize(work, sites)
-        points = _Points(path_dev, pts, device)
+        points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
             _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults)
         else:

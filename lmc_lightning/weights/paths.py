@@ -54,6 +54,22 @@ def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None 
                 )
 
 
+def combine(coef: Tensor, points: Tensor) -> Tensor:
+    """``coef @ points`` over the control-point axis, as a chain of multiply-adds.
+
+    ``coef`` is ``[P, K]`` (or ``[K]``), ``points`` is ``[K, *shape]``; returns ``[P, *shape]`` (or ``[*shape]``).
+    With K a handful of control points a GEMM falls back to a slow CUDA kernel (``gemmk1``): on an H100 it took 10 ms
+    of a 27 ms curve-training step of VGG-11-BN x4; K element-wise multiply-adds are memory-bound and cheap.
+    """
+    coef = coef.to(points.dtype)
+    single = coef.dim() == 1
+    c = coef.reshape(1 if single else coef.shape[0], coef.shape[-1], *[1] * (points.dim() - 1))
+    out = c[:, 0] * points[0]
+    for k in range(1, points.shape[0]):
+        out = out + c[:, k] * points[k]
+    return out[0] if single else out
+
+
 def _slot(key: str) -> str:
     """Turn a state-dict key into a valid module attribute name."""
     return key.replace(".", "__")
@@ -158,7 +174,7 @@ class Path(nn.Module, ABC):
             if key in self.float_keys:
                 pts = self.control_points(key)
                 w = coef.to(pts.dtype)
-                out[key] = torch.einsum("pn,n...->p...", w, pts)
+                out[key] = combine(w, pts)
             else:
                 buf = getattr(self.other_store, _slot(key))
                 out[key] = buf.unsqueeze(0).expand(c.shape[0], *buf.shape)
@@ -173,7 +189,7 @@ class Path(nn.Module, ABC):
         for key in self.keys_:
             if key in self.float_keys:
                 pts = self.control_points(key)
-                out[key] = torch.tensordot(coef.to(pts.dtype), pts, dims=1)
+                out[key] = combine(coef, pts)
             else:
                 out[key] = getattr(self.other_store, _slot(key))
         return out
