@@ -44,7 +44,7 @@ class SurfaceModule(FittedPathModule):
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass.
-        precision: Evaluation precision (``"auto"``: bf16 autocast for conv nets on GPU).
+        precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy (``"auto"``, ``"loop"`` or ``"vmap"``).
         prefix: Network submodule inside the corners' checkpoints.
         net: Architecture name, needed only for plain state dict corners.
