@@ -94,7 +94,7 @@ class ControlPath(Path):
         n_free = linear_weights.shape[0]
         if not fixed:
             raise ValueError(f"{type(self).__name__} needs at least one fixed control point.")
-        check_compatible(*fixed, names=[f"endpoint {i}" for i in range(len(fixed))])
+        check_compatible(*fixed, names=[f"endpoint {i}" for i in range(len(fixed))], devices=True)
         if init is None:
             free = [self._mix(fixed, row) for row in linear_weights]
         else:

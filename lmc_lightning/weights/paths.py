@@ -18,12 +18,13 @@ from torch import Tensor, nn
 WeightDict = dict[str, Tensor]
 
 
-def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None = None) -> None:
-    """Check that weight dicts share keys, shapes and dtypes.
+def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None = None, devices: bool = False) -> None:
+    """Check that weight dicts share keys, shapes and dtypes (and devices, if asked).
 
     Args:
         *thetas: Weight dicts (state dicts) to compare with the first one.
         names: Names used in error messages, one per dict (default ``theta_0, theta_1, ...``).
+        devices: Also require every tensor to sit on the device of the first dict's tensor of the same key.
 
     Raises:
         ValueError: Naming the first offending key and both shapes or dtypes.
@@ -51,6 +52,11 @@ def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None 
                 raise ValueError(
                     f"Weight dicts do not match at '{key}': {ref_name} has dtype {a.dtype}, {name} has {b.dtype}. "
                     "Cast both to the same dtype first."
+                )
+            if devices and a.device != b.device:
+                raise ValueError(
+                    f"Weight dicts are on different devices at '{key}': {ref_name} on {a.device}, {name} on "
+                    f"{b.device}. Move all of them to one device first (e.g. net.to(device) before state_dict())."
                 )
 
 
@@ -102,7 +108,7 @@ class Path(nn.Module, ABC):
         if not fixed:
             raise ValueError("A path needs at least one fixed control point (an endpoint).")
         check_compatible(*fixed, *free, names=[f"endpoint {i}" for i in range(len(fixed))]
-                         + [f"control point {i}" for i in range(len(free))])
+                         + [f"control point {i}" for i in range(len(free))], devices=True)
         self.num_fixed, self.num_free = len(fixed), len(free)
         self.fixed_index = list(fixed_index if fixed_index is not None else range(len(fixed)))
         self.free_index = list(free_index if free_index is not None else range(len(fixed), len(fixed) + len(free)))

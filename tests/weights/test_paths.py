@@ -101,3 +101,14 @@ def test_bilinear_surface_corners_and_grid():
     stacked = surf.stacked(grid)["w"]
     expected = grid[:, 0] * 1 + grid[:, 1] * 2  # bilinear in the corner values 0, 1, 2, 3
     torch.testing.assert_close(stacked[:, 0], expected.float())
+
+
+def test_endpoints_on_different_devices_are_a_named_error() -> None:
+    a = {"w": torch.zeros(2)}
+    b = {"w": torch.zeros(2, device="meta")}
+    with pytest.raises(ValueError, match="different devices at 'w'"):
+        Linear(a, b)
+    from lmc_lightning.weights.curves import Bezier
+
+    with pytest.raises(ValueError, match="different devices at 'w'"):
+        Bezier([a, b], num_bends=1)
