@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from net_factory import trained_like
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -21,17 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int, **kwargs) -> nn.Module:
-    torch.manual_seed(seed)
-    net = get_net(name, num_classes=5, in_channels=1, input_size=8, **kwargs)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.momentum = None
-        net.train()
-        net(torch.randn(64, 1, 8, 8))
-    return net.eval()
+    return trained_like(name, seed, num_classes=5, stats_samples=64, **kwargs)
 
 
 def nobias(seed: int) -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from net_factory import trained_like
 from torch import nn
 from torch.func import functional_call
 
@@ -19,22 +20,6 @@ from lmc_lightning.weights.paths import Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def trained_like(name: str, seed: int, **kwargs) -> nn.Module:
-    """A tiny registry net with randomised norm parameters; BN running stats from a pass over N(0, 1) inputs."""
-    torch.manual_seed(seed)
-    net = get_net(name, num_classes=4, in_channels=1, input_size=8, **kwargs)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-        net.train()
-        net(torch.randn(256, 1, 8, 8))
-    return net.eval()
 
 
 NETS = {
@@ -46,7 +31,7 @@ NETS = {
 
 def pair(kind: str) -> tuple[nn.Module, nn.Module]:
     name, kw = NETS[kind]
-    return trained_like(name, 0, **kw), trained_like(name, 1, **kw)
+    return trained_like(name, 0, num_classes=4, **kw), trained_like(name, 1, num_classes=4, **kw)
 
 
 def manual_reset(net: nn.Module, x: torch.Tensor, weights=None) -> dict:
