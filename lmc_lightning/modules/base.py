@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import nn
+from torch import Tensor, nn
+from torchmetrics import Metric
 
 
 @dataclass
@@ -121,6 +122,18 @@ class LMCModule(LightningModule):
                 self.hparams[key] = asdict(value)
             elif isinstance(value, tuple):
                 self.hparams[key] = list(value)
+
+    def classification_step(self, net: nn.Module, x: Tensor, y: Tensor, acc: Metric, stage: str,
+                            suffix: str = "") -> Tensor:
+        """Loss of ``net`` on a batch; logs ``{stage}/loss{suffix}`` and ``{stage}/acc{suffix}`` with the batch size."""
+        logits = net(x)
+        loss = self.criterion(logits, y)
+        acc(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss{suffix}", loss, batch_size=len(y), on_step=on_step, on_epoch=True, prog_bar=True,
+                 sync_dist=not on_step)
+        self.log(f"{stage}/acc{suffix}", acc, batch_size=len(y), on_step=False, on_epoch=True, prog_bar=True)
+        return loss
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters the optimiser updates (all by default)."""

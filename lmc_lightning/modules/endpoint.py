@@ -58,15 +58,7 @@ class EndpointModule(LMCModule):
         return self.net(x)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str, acc: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
-        acc(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, batch_size=len(y), on_step=on_step, on_epoch=True, prog_bar=True,
-                 sync_dist=not on_step)
-        self.log(f"{stage}/acc", acc, batch_size=len(y), on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return self.classification_step(self.net, *batch, acc, stage)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy step."""

@@ -163,15 +163,7 @@ class PairModule(LMCModule):
 
     def _step(self, side: str, x: Tensor, y: Tensor, stage: str) -> Tensor:
         net = self.net_a if side == "a" else self.net_b
-        logits = net(x)
-        loss = self.criterion(logits, y)
-        acc = self.accuracy[f"{stage}_{side}"]
-        acc(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss_{side}", loss, batch_size=len(y), on_step=on_step, on_epoch=True, prog_bar=True,
-                 sync_dist=not on_step)
-        self.log(f"{stage}/acc_{side}", acc, batch_size=len(y), on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return self.classification_step(net, x, y, self.accuracy[f"{stage}_{side}"], stage, f"_{side}")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """``loss_a + loss_b`` (before spawning: ``loss_a`` plus a zero term that keeps DDP's reducer happy)."""
