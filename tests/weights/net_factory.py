@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -23,3 +25,19 @@ def trained_like(name: str, seed: int, num_classes: int = 5, stats_samples: int 
         net.train()
         net(torch.randn(stats_samples, 1, 8, 8))
     return net.eval()
+
+
+def manual_reset(net: nn.Module, x: torch.Tensor, weights: dict | None = None) -> dict:
+    """Reference BN reset: a copy of ``net`` (with ``weights`` loaded), running statistics from one train-mode pass
+    with ``momentum=None`` over ``x``; returns its state dict."""
+    ref = copy.deepcopy(net)
+    if weights is not None:
+        ref.load_state_dict(weights)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    ref.train()
+    with torch.no_grad():
+        ref(x)
+    return ref.eval().state_dict()

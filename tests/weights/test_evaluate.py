@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from net_factory import trained_like
+from net_factory import manual_reset, trained_like
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -53,16 +53,7 @@ def plain_loop(path: Path, net: nn.Module, x, y, ts, stats=None) -> np.ndarray:
     losses = []
     for t in ts:
         ref = copy.deepcopy(net)
-        ref.load_state_dict(path(t))
-        if stats is not None:
-            for m in ref.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.reset_running_stats()
-                    m.momentum = None
-            ref.train()
-            with torch.no_grad():
-                ref(stats)
-            ref.eval()
+        ref.load_state_dict(path(t) if stats is None else manual_reset(net, stats, path(t)))
         with torch.no_grad():
             losses.append(F.cross_entropy(ref(x), y).item())
     return np.array(losses)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from net_factory import trained_like
+from net_factory import manual_reset, trained_like
 from torch import nn
 from torch.func import functional_call
 
@@ -33,20 +32,6 @@ def pair(kind: str) -> tuple[nn.Module, nn.Module]:
     name, kw = NETS[kind]
     return trained_like(name, 0, num_classes=4, **kw), trained_like(name, 1, num_classes=4, **kw)
 
-
-def manual_reset(net: nn.Module, x: torch.Tensor, weights=None) -> dict:
-    """Reference: a train-mode pass with momentum=None on one batch."""
-    ref = copy.deepcopy(net)
-    if weights is not None:
-        ref.load_state_dict(weights)
-    for m in ref.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    ref.train()
-    with torch.no_grad():
-        ref(x)
-    return ref.eval().state_dict()
 
 
 def test_reset_bn_matches_a_train_mode_pass_module_functional_and_stacked():
