@@ -83,15 +83,9 @@ class InterpolationBarrier(Callback):
         if every_fraction is not None and not 0 < every_fraction <= 1:
             raise ValueError(f"every_fraction must lie in (0, 1] (e.g. 0.1 for every 10% of training), "
                              f"got {every_fraction}.")
-        if num_points < 2:
-            raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
-        if bn is not None and bn not in ("reset", "repair", "rescale"):
-            raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
-        if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
-            raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1.")
         if max_eval_samples is not None and max_eval_samples < 1:
             raise ValueError(f"max_eval_samples must be >= 1 or None, got {max_eval_samples}.")
-        check_eval_settings(precision, strategy)
+        check_eval_settings(precision, strategy, num_points, bn, bn_batches, bn_batch_size, evaluation_batch_size)
         if split not in ("auto", "val", "test"):
             raise ValueError(f"split must be 'auto', 'val' or 'test', got {split!r}.")
         self.reference = reference

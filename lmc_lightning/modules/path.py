@@ -32,8 +32,16 @@ PRECISIONS = ("auto", "32", "bf16")
 STRATEGIES = ("auto", "loop", "vmap")
 
 
-def check_eval_settings(precision: str, strategy: str) -> None:
-    """Raise a ValueError for an unknown evaluation precision or strategy."""
+def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: str | None = None,
+                        bn_batches: int = 1, bn_batch_size: int = 1, evaluation_batch_size: int = 1) -> None:
+    """Raise a ValueError naming the first invalid path-evaluation setting."""
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
+    if bn is not None and bn not in ("reset", "repair", "rescale"):
+        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
+        raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
+                         f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
     if str(precision) not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (evaluation precision), got {precision!r}.")
     if strategy not in STRATEGIES:
@@ -183,14 +191,7 @@ class PathModule(LMCModule):
             raise ValueError(f"prefix lists {len(prefixes)} names for {len(self.endpoints)} endpoints; "
                              "give one name, or one per endpoint.")
         self.prefixes = prefixes * len(self.endpoints) if len(prefixes) == 1 else prefixes
-        if num_points < 2:
-            raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
-        if bn is not None and bn not in ("reset", "repair", "rescale"):
-            raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
-        if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
-            raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
-                             f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
-        check_eval_settings(precision, strategy)
+        check_eval_settings(precision, strategy, num_points, bn, bn_batches, bn_batch_size, evaluation_batch_size)
         self.num_points = num_points
         self.bn = bn
         self.bn_batches = bn_batches
