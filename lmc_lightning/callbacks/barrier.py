@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lmc_lightning.checkpoint import check_state_matches, load_weights
-from lmc_lightning.modules.path import BNMode, check_eval_settings, evaluate_on_ranks, seeded_subset, summary_metrics
+from lmc_lightning.modules.path import BNMode, check_eval_settings, evaluate_on_ranks, summary_metrics
+from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear
 
 Split = Literal["auto", "val", "test"]

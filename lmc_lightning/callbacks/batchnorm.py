@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lmc_lightning.modules.path import rank_info, seeded_subset
+from lmc_lightning.modules.path import rank_info
+from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.renorm import reset_bn
 
 ResetWhen = Literal["train_epoch_end", "validation_start"]

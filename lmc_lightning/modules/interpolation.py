@@ -8,7 +8,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmc_lightning.checkpoint import save_net
 from lmc_lightning.modules.base import OptimConfig
-from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, rank_info, seeded_subset
+from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, rank_info
+from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.permutation import align_weights
 

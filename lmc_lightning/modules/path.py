@@ -48,14 +48,6 @@ def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: 
         raise ValueError(f"strategy must be one of {STRATEGIES} (evaluation strategy), got {strategy!r}.")
 
 
-def seeded_subset(data: tuple[Tensor, Tensor], n: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """At most ``n`` samples of ``(x, y)``, drawn by a seeded permutation (the same on every rank)."""
-    x, y = data
-    if n is None or n >= len(x):
-        return x, y
-    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return x[index], y[index]
-
 
 def rank_info(trainer: Any) -> tuple[int, int]:
     """``(global_rank, world_size)`` of an attached trainer, ``(0, 1)`` without one."""

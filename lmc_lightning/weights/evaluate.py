@@ -241,6 +241,15 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
             ev.add(batched(w, x), y, slice(start, stop))
 
 
+def seeded_subset(data: tuple[Tensor, Tensor], n: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """At most ``n`` samples of ``(x, y)``, drawn by a seeded permutation (the same on every rank)."""
+    x, y = data
+    if n is None or n >= len(x):
+        return x, y
+    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[index], y[index]
+
+
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
     """The same kind of path with endpoint 1 permuted into endpoint 0's basin."""
     from lmc_lightning.weights.permutation import align_weights
@@ -250,9 +259,7 @@ def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: i
                          "first (lmc_lightning.align / align_weights) and build the path from them.")
     x = None
     if method != "weight":
-        x = _tensors(data, "train", "train_data")[0]
-        if len(x) > samples:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:samples]]
+        x = seeded_subset(_tensors(data, "train", "train_data"), samples)[0]
     theta_a, theta_b = path.endpoint(0), path.endpoint(1)
     theta_b, _ = align_weights(net, theta_a, theta_b, method=method, data=x, device=device)
     return type(path)(theta_a, {k: theta_b[k] for k in theta_a})

@@ -15,8 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lmc_lightning.callbacks import InterpolationBarrier
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EndpointModule, OptimConfig
-from lmc_lightning.modules.path import seeded_subset
-from lmc_lightning.weights.evaluate import evaluate_path
+from lmc_lightning.weights.evaluate import evaluate_path, seeded_subset
 from lmc_lightning.weights.paths import Linear
 
 DDP = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # fork is fast but impossible after CUDA init

@@ -11,7 +11,7 @@ from bn_helpers import RecordingBatchNormReset, TinyBNModule, bn_input_moments, 
 
 from lmc_lightning.callbacks import BatchNormReset
 from lmc_lightning.data import FashionMNISTDataModule
-from lmc_lightning.modules.path import seeded_subset
+from lmc_lightning.weights.evaluate import seeded_subset
 
 NUM_BATCHES, BATCH_SIZE = 4, 32
 DDP = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"  # fork is fast but impossible after CUDA init
