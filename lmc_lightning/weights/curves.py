@@ -158,8 +158,8 @@ class ControlPath(Path):
     def _split(self, coords: Tensor) -> tuple[Tensor, Tensor]:
         """Coefficients of the fixed and the free points, ``[P, n_fixed]`` and ``[P, n_free]``, on the device.
 
-        Computed on the CPU and sent in one small copy without pinning (no page-locked allocation per call, no wait
-        on the GPU); both parts are column views of that one tensor.
+        Computed on the CPU and sent in one small copy (for many points at once; a single point uses Python floats,
+        see :meth:`_point`); both parts are column views of that one tensor.
         """
         coords = coords.detach().to("cpu", torch.float64).reshape(-1, self.dim)
         coef = self.coefficients(coords)
@@ -183,10 +183,12 @@ class ControlPath(Path):
         """Weights at one point, every group of keys computed by one fused combination of flat control points.
 
         Keys whose free points need gradients form one flat vector ``c_fixed @ fixed + c_free @ cat(free)`` (one
-        concatenation and a few multiply-adds, see :func:`combine`), viewed per key. ``copy_keys`` (buffers the
+        concatenation and a few multiply-adds, see :func:`combine`, with the coefficients as Python floats), viewed
+        per key. ``copy_keys`` (buffers the
         net may update in place) come back as fresh tensors, detached, sharing nothing with the other keys.
         """
-        coef_fixed, coef_free = self._split(torch.tensor([float(x) for x in coords], dtype=torch.float64))
+        coef = self.point_coefficients(coords)
+        coef_fixed, coef_free = [coef[i] for i in self.fixed_index], [coef[i] for i in self.free_index]
         layout = self._flat_layout(copy_keys)
         out: WeightDict = {}
         free = self.free_store._parameters

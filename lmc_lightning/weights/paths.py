@@ -60,13 +60,22 @@ def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None 
                 )
 
 
-def combine(coef: Tensor, points: Tensor) -> Tensor:
+def combine(coef: Tensor | Sequence[float], points: Tensor) -> Tensor:
     """``coef @ points`` over the control-point axis, as a chain of multiply-adds.
 
     ``coef`` is ``[P, K]`` (or ``[K]``), ``points`` is ``[K, *shape]``; returns ``[P, *shape]`` (or ``[*shape]``).
     With K a handful of control points a GEMM falls back to a slow CUDA kernel (``gemmk1``): on an H100 it took 10 ms
     of a 27 ms curve-training step of VGG-11-BN x4; K element-wise multiply-adds are memory-bound and cheap.
+
+    ``coef`` may also be a sequence of K Python floats (one point): the coefficients then travel as kernel arguments,
+    with no host-to-device copy (a copy from pageable host memory can make the host wait for the GPU every step).
     """
+    if not isinstance(coef, Tensor):
+        coef = [float(c) for c in coef]
+        out = points[0] * coef[0]
+        for k in range(1, len(coef)):
+            out = torch.add(out, points[k], alpha=coef[k])
+        return out
     coef = coef.to(points.dtype)
     single = coef.dim() == 1
     c = coef.reshape(1 if single else coef.shape[0], coef.shape[-1], *[1] * (points.dim() - 1))
@@ -190,7 +199,7 @@ class Path(nn.Module, ABC):
         """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
         if len(coords) != self.dim:
             raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
-        coef = self.coefficients(self._coords([float(x) for x in coords]))[0]
+        coef = self.point_coefficients(coords)
         out: WeightDict = {}
         for key in self.keys_:
             if key in self.float_keys:
@@ -199,6 +208,11 @@ class Path(nn.Module, ABC):
             else:
                 out[key] = getattr(self.other_store, _slot(key))
         return out
+
+    def point_coefficients(self, coords: Sequence[float | Tensor]) -> list[float]:
+        """The coefficients of one point as Python floats, computed on the CPU (see :func:`combine`)."""
+        c = torch.tensor([[float(x) for x in coords]], dtype=torch.float64)
+        return self.coefficients(c)[0].tolist()
 
     def endpoint(self, i: int) -> WeightDict:
         """The ``i``-th fixed control point as a weight dict."""
