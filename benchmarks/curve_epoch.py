@@ -1,17 +1,23 @@
 """Speed of a curve-training epoch against an ordinary training epoch of the same net and batch size.
 
-Baseline ("endpoint"): SGD on ``net.parameters()``, one forward/backward per batch, as EndpointModule trains.
-Curve: SGD on the free control points of a Bezier curve (``--num-bends``), one ``theta(t)`` per batch through
-``torch.func.functional_call`` (:func:`lmc_lightning.weights.fit.path_loss`). Target: curve <= 1.5x endpoint.
-Data is synthetic and resident on the device, so only the training step is timed.
+Two measurements, both with one ``theta(t)`` per batch; target: curve <= 1.5x endpoint.
 
-    python benchmarks/curve_epoch.py --quick              # CPU, tiny sizes
-    python benchmarks/curve_epoch.py --device cuda        # GPU, mlp + resnet20 + vgg11_bn
+* ``--lightning`` (what the target is about): one Lightning ``fit`` epoch of ``CurveModule`` against one of
+  ``EndpointModule``, same net, batch size and Fashion-MNIST data (the second epoch is timed, after warm-up).
+* default (stricter, the bare step): SGD on ``net.parameters()`` (one forward/backward per batch, as EndpointModule
+  trains) against SGD on the free control points of a Bezier / PolyChain curve (``--num-bends``) through
+  :func:`lmc_lightning.weights.fit.path_loss`, on synthetic device-resident batches, so only the step is timed and
+  Lightning's per-step overhead, which both modules pay, is left out.
+
+    python benchmarks/curve_epoch.py --quick                          # CPU, tiny sizes
+    python benchmarks/curve_epoch.py --device cuda                    # GPU, mlp + resnet20 + vgg11_bn
+    python benchmarks/curve_epoch.py --device cuda --lightning --root data
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -100,6 +106,45 @@ def bench_net(name: str, args: argparse.Namespace, device: torch.device) -> list
     return [(name, label, sec) for label, sec in zip(labels, time_interleaved(fns, args, device), strict=True)]
 
 
+def lightning_epochs(name: str, args: argparse.Namespace, device: torch.device, tmp: str) -> list[tuple[str, str, float]]:
+    """Seconds of the second ``fit`` epoch of EndpointModule and of CurveModule (Bezier, PolyChain) for one net."""
+    import lightning.pytorch as pl
+    from train_loader import EpochTimer
+
+    from lmc_lightning.checkpoint import save_net
+    from lmc_lightning.data import FashionMNISTDataModule
+    from lmc_lightning.modules import CurveModule, EndpointModule, OptimConfig
+
+    net_kwargs = {"depth": 3, "width": args.mlp_width} if name == "mlp" else {"width": args.width}
+    channels = 1
+    endpoints = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = get_net(name, num_classes=10, in_channels=channels, input_size=28, **net_kwargs)
+        spec = {"name": name, "num_classes": 10, "in_channels": channels, "input_size": 28, **net_kwargs}
+        endpoints.append(str(save_net(f"{tmp}/{name}_{seed}.ckpt", net.state_dict(), spec)))
+    models = {
+        "endpoint (baseline)": lambda: EndpointModule(net=name, net_kwargs=net_kwargs, optim=OptimConfig(lr=0.01),
+                                                      seed=0),
+        f"bezier b={args.num_bends}": lambda: CurveModule(endpoints=endpoints, num_bends=args.num_bends,
+                                                          optim=OptimConfig(lr=0.01)),
+        f"polychain b={args.num_bends}": lambda: CurveModule(endpoints=endpoints, curve="polychain",
+                                                             num_bends=args.num_bends, optim=OptimConfig(lr=0.01)),
+    }
+    rows = []
+    for label, build in models.items():
+        pl.seed_everything(0)
+        data = FashionMNISTDataModule(root=args.root, batch_size=args.batch_size, train_subset=args.subset)
+        timer = EpochTimer()
+        trainer = pl.Trainer(max_epochs=2, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[timer], limit_val_batches=0)
+        trainer.fit(build(), datamodule=data)
+        steps = trainer.num_training_batches
+        rows.append((name, f"{label} (Lightning)", timer.times[-1] / steps))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -113,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=4, help="width multiplier of conv nets")
     parser.add_argument("--mlp-width", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--lightning", action="store_true", help="time Lightning fit epochs on Fashion-MNIST")
+    parser.add_argument("--root", default="data", help="Fashion-MNIST folder (--lightning)")
+    parser.add_argument("--subset", type=int, default=None, help="training images per epoch (--lightning)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}; batch size {args.batch_size}; best of {args.repeats} x {args.steps} steps; "
           f"torch {torch.__version__}")
     print(f"{'net':<10} {'training':<28} {'ms/step':>9} {'x baseline':>11}")
+    tmp = tempfile.mkdtemp() if args.lightning else ""
     for net_name in args.nets:
-        rows = bench_net(net_name, args, device)
+        rows = lightning_epochs(net_name, args, device, tmp) if args.lightning else bench_net(net_name, args, device)
         base = rows[0][2]
         for net, label, sec in rows:
             print(f"{net:<10} {label:<28} {sec * 1e3:>9.2f} {sec / base:>11.2f}")
