@@ -4,8 +4,8 @@ Fast by construction: the test data and the statistics batches move to the devic
 every net runs under bf16 autocast (conv nets also channels_last, cuDNN autotuned); and points are either evaluated
 one after another on a private copy of the net (``"loop"``: weights copied in place, plain module forward) or batched
 with ``torch.func.vmap`` over weights stacked along a leading dim (``"vmap"``). Measured on an H100 (21 points, BN reset
-on 20 x 500, 10k test images), vmap was 1.3x faster than the loop for a 2.1M-parameter MLP and 1.6x for ResNet-20x1
-(0.27M), but 0.73x for ResNet-20x4 (4.3M) and 0.80x for VGG-16-BN, so ``strategy="auto"`` uses vmap on CUDA for
+on 20 x 500, 10k test images, device-resident), vmap was 5x faster than the loop for a 2.1M-parameter MLP and 1.4x for
+ResNet-20x1 (0.27M), but 0.75x for ResNet-20x4 (4.3M) and 0.67x for VGG-16-BN, so ``strategy="auto"`` uses vmap on CUDA for
 conv-free nets up to :data:`VMAP_MAX_PARAMS` parameters and conv nets up to :data:`VMAP_MAX_CONV_PARAMS`. In fp32
 both strategies equal a plain per-point loop to float rounding.
 
