@@ -35,7 +35,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, Dataset
 
-from lmc_lightning.weights import renorm
+from lmc_lightning.weights import fused, renorm
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, combine
 from lmc_lightning.weights.result import PathResult
 
@@ -212,18 +212,29 @@ class _Points:
         return {k: out[k] for k in self.keys}
 
 
-def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults) -> None:
+def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None) -> None:
+    """One point after another: weights copied into ``work``; ``model`` (default ``work``) runs the forward passes,
+    e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors)."""
+    model = work if model is None else model
     state = dict(work.state_dict())
     for i, t in enumerate(coords[:, 0].tolist()):
         _load(state, {**defaults, **points.at(i)})
         if bn == "reset":
-            renorm.reset_bn(work, stats, sync=False)
+            renorm.reset_bn(model, stats, sync=False)
         elif bn is not None:
-            fused = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
-                                       endpoint_stats=endpoint_stats, sync=False)
-            _load(state, fused)
+            repaired = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
+                                          endpoint_stats=endpoint_stats, sync=False)
+            _load(state, repaired)
         for x, y in ev.batches:
-            ev.add(work(x), y, i)
+            ev.add(model(x), y, i)
+
+
+def _fused_model(work: nn.Module, device: torch.device, bn: str | None, strategy: str) -> nn.Module | None:
+    """The BN-fused trace of ``work`` where it pays: the loop on CUDA with Triton, BN reset or no renormalisation
+    (REPAIR / RESCALE hook the unfused layers)."""
+    if strategy != "loop" or device.type != "cuda" or fused.triton is None or bn not in (None, "reset"):
+        return None
+    return fused.fuse_norms(work)
 
 
 def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
@@ -368,7 +379,7 @@ def evaluate_path(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     with torch.no_grad(), autocast, _cudnn_autotune(device):
-        sites, endpoint_stats, defaults = None, None, {}
+        sites, endpoint_stats, defaults, model = None, None, {}, None
         if bn in ("repair", "rescale"):
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
             sites = renorm.find_sites(work, stats[0][:2], theta_a)
@@ -380,13 +391,14 @@ def evaluate_path(
                 defaults = _materialize(work, sites)
         points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults)
+            model = _fused_model(work, device, bn, chosen)
+            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model)
         else:
             _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {
-        "bn": bn, "strategy": chosen, "precision": "bf16" if bf16 else "32", "channels_last": channels_last,
+        "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32", "channels_last": channels_last,
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
     }

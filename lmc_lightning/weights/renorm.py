@@ -36,6 +36,8 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lmc_lightning.weights.fused import FusedBatchNorm
+
 WeightDict = dict[str, Tensor]
 Stats = dict[str, tuple[Tensor, Tensor]]
 Mode = Literal["repair", "rescale"]
@@ -147,8 +149,9 @@ def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | 
     return sites
 
 
-Moments = dict[str, list[tuple[int, Tensor, Tensor, float]]]
-"""Per record key, one ``(count, mean, invstd, eps)`` per batch (``invstd = 1 / sqrt(var + eps)``)."""
+Moments = dict[str, list[tuple[int, Tensor, Tensor, float | None]]]
+"""Per record key, one ``(count, mean, second, eps)`` per batch: ``second`` is the biased variance when ``eps`` is
+None, else ``invstd = 1 / sqrt(var + eps)`` (as the fused batch-norm kernel returns it)."""
 
 
 class _Pass:
@@ -171,7 +174,7 @@ class _Pass:
         self.net, self.bn_names, self.sites, self.mode, self.eps = net, list(bn_inputs), list(sites), mode, eps
         self.records: dict[str, tuple[Tensor, Tensor]] = {}
         self.counts: dict[str, int] = {}
-        self.eps_of: dict[str, float] = {}
+        self.eps_of: dict[str, float | None] = {}
         self.goal: Stats = {}
 
     def __enter__(self) -> _Pass:
@@ -180,7 +183,10 @@ class _Pass:
         self._handles, self._patched = [], []
         for name in self.bn_names:
             m = self.net.get_submodule(name)
-            m.forward = partial(self._bn_forward, name, m)  # instance attribute, removed on exit
+            if isinstance(m, FusedBatchNorm):  # normalises by batch statistics and reports them while hooked
+                m.stats_hook = partial(self._record, f"in:{name}", eps=None)
+            else:
+                m.forward = partial(self._bn_forward, name, m)  # instance attribute, removed on exit
             self._patched.append(m)
         for site in self.sites:
             m = self.net.get_submodule(site.name)
@@ -192,13 +198,15 @@ class _Pass:
             h.remove()
         for m in self._patched:
             m.__dict__.pop("forward", None)
+            if isinstance(m, FusedBatchNorm):
+                m.stats_hook = None
         self._eval.__exit__(*exc)
 
-    def _record(self, key: str, y: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> None:
+    def _record(self, key: str, y: Tensor, mean: Tensor, second: Tensor, eps: float | None) -> None:
         # no arithmetic here: a few hundred tiny kernels per point add up on a GPU; _reduce converts all at once
         self.counts[key] = y.numel() // y.shape[1]
         self.eps_of[key] = eps
-        self.records[key] = (mean, invstd)
+        self.records[key] = (mean, second)
 
     def _bn_forward(self, name: str, m: _BatchNorm, x: Tensor) -> Tensor:
         out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
@@ -261,11 +269,11 @@ def _reduce(moments: Moments, sync: bool | None) -> dict[str, tuple[Tensor, Tens
     for k in keys:
         # batches grouped by sample count, weighted with Python numbers: no host-to-device copy, no sync
         total = s1 = s2 = None
-        for count in sorted({c for c, _, _, _ in moments[k]}):
-            group = [(m, inv, eps) for c, m, inv, eps in moments[k] if c == count]
-            mean = torch.stack([m for m, _, _ in group]).double()
-            inv = torch.stack([i for _, i, _ in group]).double()
-            var = (inv.pow(-2) - group[0][2]).clamp_min(0)
+        for count, eps in dict.fromkeys((c, e) for c, _, _, e in moments[k]):
+            group = [(m, sec) for c, m, sec, e in moments[k] if (c, e) == (count, eps)]
+            mean = torch.stack([m for m, _ in group]).double()
+            second = torch.stack([sec for _, sec in group]).double()
+            var = second if eps is None else (second.pow(-2) - eps).clamp_min(0)
             a, b = count * mean.sum(0), count * (var + mean * mean).sum(0)
             s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
             total = count * len(group) + (total or 0)

@@ -1,0 +1,102 @@
+"""BN fusion (fuse_norms / FusedBatchNorm): same function, same BN reset, same path evaluation as the unfused net."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lmc_lightning.nets import get_net
+from lmc_lightning.weights import evaluate, renorm
+from lmc_lightning.weights.evaluate import evaluate_path
+from lmc_lightning.weights.fused import FusedBatchNorm, channel_stats, fuse_norms, scale_shift
+from lmc_lightning.weights.paths import Linear
+
+NETS = [("resnet20", {"width": 0.5}), ("vgg11_bn", {"width": 0.125}), ("preresnet", {"depth": 8}), ("resnet18", {"width": 0.25})]
+
+
+def _net(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return get_net(name, num_classes=10, in_channels=3, input_size=16, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), NETS)
+def test_fused_net_resets_and_computes_like_the_net(name, kwargs):
+    net = _net(name, kwargs).double().eval()
+    batches = [torch.randn(12, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
+    gm = fuse_norms(net)
+    kinds = {(m.add, m.relu) for m in gm.modules() if isinstance(m, FusedBatchNorm)}
+    assert (False, True) in kinds  # BN -> ReLU chains fused
+    if name.startswith("resnet"):
+        assert (True, True) in kinds  # BN -> + shortcut -> ReLU
+    ref = copy.deepcopy(net)
+    renorm.reset_bn(ref, batches)
+    renorm.reset_bn(gm, batches)  # the fused trace writes into net's own buffers
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-10)
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(gm(x), ref(x), rtol=0, atol=1e-10)
+    assert all(m.stats_hook is None for m in gm.modules() if isinstance(m, FusedBatchNorm))
+
+
+def test_fused_net_shares_tensors_and_leaves_the_net_alone():
+    net = _net("resnet20", {"width": 0.5}).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gm = fuse_norms(net)
+    assert not any(isinstance(m, FusedBatchNorm) for m in net.modules())
+    for key, value in gm.state_dict().items():
+        assert value.data_ptr() == net.state_dict()[key].data_ptr()
+        torch.testing.assert_close(value, before[key])
+
+
+def test_nothing_to_fuse_gives_none():
+    assert fuse_norms(get_net("mlp", num_classes=10, in_channels=1, input_size=8)) is None
+    assert fuse_norms(get_net("resnet20_ln", num_classes=10, in_channels=3, input_size=16, width=0.25)) is None
+
+
+def test_fused_module_checks_its_residual_input():
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with pytest.raises(ValueError, match="residual"):
+        FusedBatchNorm(bn, add=True, relu=True)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(RuntimeError, match="unfused"):
+        FusedBatchNorm(bn.train(), add=False, relu=False)(torch.randn(2, 4, 3, 3))
+
+
+def test_channel_stats_and_scale_shift_match_torch():
+    x = torch.randn(6, 5, 7, 3, dtype=torch.float64) * 3 + 1
+    mean, var = channel_stats(x)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
+    a, b, z = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn_like(x)
+    want = (x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) + z).relu()
+    torch.testing.assert_close(scale_shift(x, a, b, z, relu=True), want)
+
+
+def test_evaluate_path_with_fused_norms_equals_the_plain_loop(monkeypatch):
+    a, b = _net("resnet20", {"width": 0.5}, 0), _net("resnet20", {"width": 0.5}, 1)
+    g = torch.Generator().manual_seed(0)
+    test = (torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
+    train = torch.randn(96, 3, 16, 16, generator=g)
+    kw = dict(num_points=4, bn="reset", train_data=train, bn_batches=3, bn_batch_size=32, batch_size=32,
+              device="cpu", strategy="loop")
+    plain = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, **kw)
+    monkeypatch.setattr(evaluate, "_fused_model", lambda work, *args: fuse_norms(work))
+    fused = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, **kw)
+    assert fused.meta["fused_norms"] and not plain.meta["fused_norms"]
+    np.testing.assert_allclose(fused.loss, plain.loss, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fused.accuracy, plain.accuracy, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA device")
+def test_triton_kernels_match_torch():
+    x = (torch.randn(37, 24, 9, 11, device="cuda") * 2 + 0.5).to(memory_format=torch.channels_last)
+    mean, var = channel_stats(x)
+    torch.testing.assert_close(mean, x.double().mean((0, 2, 3)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, x.double().var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    a, b = torch.randn(24, device="cuda"), torch.randn(24, device="cuda")
+    z = torch.randn_like(x)
+    for xx, zz in ((x, z), (x.bfloat16(), z.bfloat16())):
+        want = (xx.float() * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) + zz.float()).relu().to(xx.dtype)
+        torch.testing.assert_close(scale_shift(xx, a, b, zz, relu=True), want, rtol=1e-2, atol=1e-2)
