@@ -106,7 +106,8 @@ def bench_net(name: str, args: argparse.Namespace, device: torch.device) -> list
     return [(name, label, sec) for label, sec in zip(labels, time_interleaved(fns, args, device), strict=True)]
 
 
-def lightning_epochs(name: str, args: argparse.Namespace, device: torch.device, tmp: str) -> list[tuple[str, str, float]]:
+def lightning_epochs(name: str, args: argparse.Namespace, device: torch.device, tmp: str
+                     ) -> list[tuple[str, str, float]]:
     """Seconds of the second ``fit`` epoch of EndpointModule and of CurveModule (Bezier, PolyChain) for one net."""
     import lightning.pytorch as pl
     from train_loader import EpochTimer

@@ -5,8 +5,8 @@ every net runs under bf16 autocast (conv nets also channels_last, cuDNN autotune
 one after another on a private copy of the net (``"loop"``: weights copied in place, plain module forward) or batched
 with ``torch.func.vmap`` over weights stacked along a leading dim (``"vmap"``). Measured on an H100 (21 points, BN reset
 on 20 x 500, 10k test images, device-resident), vmap was 5x faster than the loop for a 2.1M-parameter MLP and 1.4x for
-ResNet-20x1 (0.27M), but 0.75x for ResNet-20x4 (4.3M) and 0.67x for VGG-16-BN, so ``strategy="auto"`` uses vmap on CUDA for
-conv-free nets up to :data:`VMAP_MAX_PARAMS` parameters and conv nets up to :data:`VMAP_MAX_CONV_PARAMS`. In fp32
+ResNet-20x1 (0.27M), but 0.75x for ResNet-20x4 (4.3M) and 0.67x for VGG-16-BN, so ``strategy="auto"`` uses vmap on
+CUDA for conv-free nets up to :data:`VMAP_MAX_PARAMS` parameters and conv nets up to :data:`VMAP_MAX_CONV_PARAMS`. In fp32
 both strategies equal a plain per-point loop to float rounding.
 
 Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``; see :mod:`lmc_lightning.weights.renorm`) are taken at every
@@ -398,7 +398,8 @@ def evaluate_path(
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {
-        "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32", "channels_last": channels_last,
+        "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
+        "channels_last": channels_last,
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
     }

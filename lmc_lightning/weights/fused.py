@@ -35,25 +35,78 @@ StatsHook = Callable[[Tensor, Tensor, Tensor], None]
 """``hook(x, mean, var)``: receives the batch mean and biased variance of a fused BN's input."""
 
 _STATS_ROWS = 256
+_STATS_PROGRAMS = 256
+_COMBINE_CHUNK = 64
 _APPLY_BLOCK = 4096
 
 
 if triton is not None:
 
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, rows, channels, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """Per-channel mean and sum of squared deviations of one ``ROWS x COLS`` tile of a ``[rows, channels]``
-        row-major matrix (channels_last activations)."""
-        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        r = pid_r * ROWS + tl.arange(0, ROWS)
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, rows, channels, rows_per_program, blocks,
+                      ROWS: tl.constexpr, COLS: tl.constexpr):
+        """Per-channel mean and sum of squared deviations of one program's rows of a ``[rows, channels]`` row-major
+        matrix (channels_last activations): tile moments merged with Chan et al.'s update, in float32."""
+        pid, pid_c = tl.program_id(0), tl.program_id(1)
         c = pid_c * COLS + tl.arange(0, COLS)
-        mask = (r[:, None] < rows) & (c[None, :] < channels)
-        x = tl.load(x_ptr + r[:, None].to(tl.int64) * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        n = tl.minimum(rows - pid_r * ROWS, ROWS).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n
-        d = tl.where(mask, x - mean[None, :], 0.0)
-        tl.store(mean_ptr + pid_r * channels + c, mean, mask=c < channels)
-        tl.store(m2_ptr + pid_r * channels + c, tl.sum(d * d, axis=0), mask=c < channels)
+        start = pid * rows_per_program
+        stop = tl.minimum(start + rows_per_program, rows)
+        n_acc = 0.0
+        mean_acc = tl.zeros([COLS], dtype=tl.float32)
+        m2_acc = tl.zeros([COLS], dtype=tl.float32)
+        for j in range(0, blocks):
+            r = start + j * ROWS + tl.arange(0, ROWS)
+            mask = (r[:, None] < stop) & (c[None, :] < channels)
+            x = tl.load(x_ptr + r[:, None].to(tl.int64) * channels + c[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            n = tl.minimum(tl.maximum(stop - start - j * ROWS, 0), ROWS).to(tl.float32)
+            mean = tl.sum(x, axis=0) / tl.maximum(n, 1.0)
+            d = tl.where(mask, x - mean[None, :], 0.0)
+            total = n_acc + n
+            delta = mean - mean_acc
+            frac = n / tl.maximum(total, 1.0)
+            mean_acc += delta * frac
+            m2_acc += tl.sum(d * d, axis=0) + delta * delta * n_acc * frac
+            n_acc = total
+        tl.store(mean_ptr + pid * channels + c, mean_acc, mask=c < channels)
+        tl.store(m2_ptr + pid * channels + c, m2_acc, mask=c < channels)
+
+    @triton.jit
+    def _combine_kernel(mean_ptr, m2_ptr, w_ptr, b_ptr, out_mean_ptr, out_var_ptr, scale_ptr, shift_ptr,
+                        programs, rows, rows_per_program, channels, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        CHUNK: tl.constexpr, COLS: tl.constexpr):
+        """Merge the programs' moments (float64) into the batch mean and biased variance, and the BN's
+        ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` (float32)."""
+        c = tl.program_id(0) * COLS + tl.arange(0, COLS)
+        cm = c < channels
+        total = tl.zeros([COLS], dtype=tl.float64)
+        for p0 in range(0, programs, CHUNK):
+            p = p0 + tl.arange(0, CHUNK)
+            n = tl.minimum(tl.maximum(rows - p * rows_per_program, 0), rows_per_program).to(tl.float64)
+            m = tl.load(mean_ptr + p[:, None] * channels + c[None, :], mask=(p[:, None] < programs) & cm[None, :],
+                        other=0.0).to(tl.float64)
+            total += tl.sum(n[:, None] * m, axis=0)
+        mean = total / rows
+        m2 = tl.zeros([COLS], dtype=tl.float64)
+        for p0 in range(0, programs, CHUNK):
+            p = p0 + tl.arange(0, CHUNK)
+            n = tl.minimum(tl.maximum(rows - p * rows_per_program, 0), rows_per_program).to(tl.float64)
+            mask = (p[:, None] < programs) & cm[None, :]
+            m = tl.load(mean_ptr + p[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float64)
+            q = tl.load(m2_ptr + p[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float64)
+            d = tl.where(mask, m - mean[None, :], 0.0)
+            m2 += tl.sum(q + n[:, None] * d * d, axis=0)
+        var = m2 / rows
+        tl.store(out_mean_ptr + c, mean, mask=cm)
+        tl.store(out_var_ptr + c, var, mask=cm)
+        scale = 1.0 / tl.sqrt(var + eps)
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + c, mask=cm, other=1.0).to(tl.float64)
+        shift = -mean * scale
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float64)
+        tl.store(scale_ptr + c, scale.to(tl.float32), mask=cm)
+        tl.store(shift_ptr + c, shift.to(tl.float32), mask=cm)
 
     @triton.jit
     def _apply_kernel(x_ptr, z_ptr, out_ptr, a_ptr, b_ptr, numel, channels, HAS_Z: tl.constexpr, RELU: tl.constexpr,
@@ -73,34 +126,55 @@ if triton is not None:
 
 def _nhwc(x: Tensor) -> bool:
     """Whether the Triton kernels can read ``x``: a 4-D channels_last CUDA tensor (channels the fastest dim)."""
-    return (triton is not None and x.is_cuda and x.dim() == 4
+    return (triton is not None and (x.is_cuda or _INTERPRET) and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float32, torch.bfloat16,
                                                                                   torch.float16))
 
 
-def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (dim 1) mean and biased variance of ``x`` in float64 (tile partials combined exactly).
+_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel tests)
 
-    One read of ``x`` with the Triton kernel (CUDA, channels_last); a float32 copy with torch otherwise.
+
+def _affine(var: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype
+            ) -> tuple[Tensor, Tensor]:
+    scale = torch.rsqrt(var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
+def channel_stats(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel (dim 1) batch statistics of ``x`` and the batch-norm affine map they give.
+
+    One read of ``x`` and two small kernels with Triton (CUDA, channels_last); torch ops (a float64 copy) otherwise.
+
+    Returns:
+        ``(mean, var, scale, shift)``: float64 mean and biased variance; ``scale = weight / sqrt(var + eps)`` and
+        ``shift = bias - mean * scale`` (float32 on the Triton path, else float32 or float64 like ``x``), so that
+        ``scale * x + shift`` is train-mode batch norm.
     """
     if not _nhwc(x):
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
-        return mean, var
+        var, mean = torch.var_mean(x.double(), dim=[0, *range(2, x.dim())], correction=0)
+        return mean, var, *_affine(var, mean, weight, bias, eps, _compute_dtype(x))
     c = x.shape[1]
     rows = x.numel() // c
-    tiles = triton.cdiv(rows, _STATS_ROWS)
+    per = triton.cdiv(triton.cdiv(rows, _STATS_PROGRAMS), _STATS_ROWS) * _STATS_ROWS
+    programs = triton.cdiv(rows, per)
     cols = min(triton.next_power_of_2(c), 64)
-    mean = torch.empty(tiles, c, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    _stats_kernel[(tiles, triton.cdiv(c, cols))](x, mean, m2, rows, c, ROWS=_STATS_ROWS, COLS=cols, num_warps=8)
-    # Chan et al.'s pairwise combination of the tile moments, in float64
-    counts = torch.full((tiles, 1), float(_STATS_ROWS), device=x.device, dtype=torch.float64)
-    counts[-1] = rows - (tiles - 1) * _STATS_ROWS
-    mean, m2 = mean.double(), m2.double()
-    total = (counts * mean).sum(0) / rows
-    var = (m2.sum(0) + (counts * (mean - total).square()).sum(0)) / rows
-    return total, var
+    part = torch.empty(2, programs, c, device=x.device, dtype=torch.float32)
+    _stats_kernel[(programs, triton.cdiv(c, cols))](x, part[0], part[1], rows, c, per, per // _STATS_ROWS,
+                                                    ROWS=_STATS_ROWS, COLS=cols, num_warps=8)
+    moments = torch.empty(2, c, device=x.device, dtype=torch.float64)
+    affine = torch.empty(2, c, device=x.device, dtype=torch.float32)
+    combine_cols = min(triton.next_power_of_2(c), 32)
+    _combine_kernel[(triton.cdiv(c, combine_cols),)](
+        part[0], part[1], weight if weight is not None else affine, bias if bias is not None else affine,
+        moments[0], moments[1], affine[0], affine[1], programs, rows, per, c, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, CHUNK=_COMBINE_CHUNK, COLS=combine_cols, num_warps=4)
+    return moments[0], moments[1], affine[0], affine[1]
 
 
 def scale_shift(x: Tensor, a: Tensor, b: Tensor, z: Tensor | None = None, relu: bool = False) -> Tensor:
@@ -155,20 +229,22 @@ class FusedBatchNorm(_BatchNorm):
         if (z is not None) != self.add:
             raise ValueError(f"FusedBatchNorm(add={self.add}) called with{'out' if z is None else ''} a residual.")
         if self.stats_hook is not None:
-            mean, var = channel_stats(x)
+            mean, var, scale, shift = channel_stats(x, self.weight, self.bias, self.eps)
             self.stats_hook(x, mean, var)
         elif self.training:
             raise RuntimeError("FusedBatchNorm evaluates; train with the original (unfused) net.")
         else:
-            mean, var = self.running_mean, self.running_var
-        dtype = _compute_dtype(x)
-        scale = torch.rsqrt(var.to(dtype) + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(dtype)
-        shift = -mean.to(dtype) * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(dtype)
+            scale, shift = self._eval_affine(_compute_dtype(x))
         return scale_shift(x, scale, shift, z, self.relu)
+
+    def _eval_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Scale and shift from the running statistics, recomputed only when a tensor they depend on changed."""
+        tensors = [t for t in (self.running_mean, self.running_var, self.weight, self.bias) if t is not None]
+        key = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+        if self.__dict__.get("_cache_key") != key:
+            self._cache = _affine(self.running_var, self.running_mean, self.weight, self.bias, self.eps, dtype)
+            self._cache_key = key
+        return self._cache
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
