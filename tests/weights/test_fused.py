@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmc_lightning.nets import get_net
-from lmc_lightning.weights import evaluate, renorm
+from lmc_lightning.weights import renorm
 from lmc_lightning.weights.evaluate import evaluate_path
 from lmc_lightning.weights.fused import FusedBatchNorm, channel_stats, fuse_norms, scale_shift
 from lmc_lightning.weights.paths import Linear
@@ -81,7 +81,7 @@ def test_channel_stats_and_scale_shift_match_torch():
     torch.testing.assert_close(scale_shift(x, a, b, z, relu=True), want)
 
 
-def test_evaluate_path_with_fused_norms_equals_the_plain_loop(monkeypatch):
+def test_evaluate_path_with_fused_norms_equals_the_plain_loop():
     a, b = _net("resnet20", {"width": 0.5}, 0), _net("resnet20", {"width": 0.5}, 1)
     g = torch.Generator().manual_seed(0)
     test = (torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
@@ -89,8 +89,7 @@ def test_evaluate_path_with_fused_norms_equals_the_plain_loop(monkeypatch):
     kw = dict(num_points=4, bn="reset", train_data=train, bn_batches=3, bn_batch_size=32, batch_size=32,
               device="cpu", strategy="loop")
     plain = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, **kw)
-    monkeypatch.setattr(evaluate, "_fused_model", lambda work, *args: fuse_norms(work))
-    fused = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, **kw)
+    fused = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, fuse_norms=True, **kw)
     assert fused.meta["fused_norms"] and not plain.meta["fused_norms"]
     np.testing.assert_allclose(fused.loss, plain.loss, rtol=0, atol=1e-5)
     np.testing.assert_allclose(fused.accuracy, plain.accuracy, rtol=0, atol=1e-12)
