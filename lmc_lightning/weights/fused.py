@@ -4,9 +4,10 @@ Evaluating a path is memory-bound outside the convolutions: every BatchNorm, ReL
 the whole activation, and the fused batch-norm kernel collects batch statistics at a fraction of the memory bandwidth.
 :func:`fuse_norms` traces a net with ``torch.fx`` and replaces each ``BatchNorm2d`` -> ``ReLU`` and ``BatchNorm2d``
 -> ``+ z`` -> ``ReLU`` chain (and each lone ``BatchNorm2d``) by one :class:`FusedBatchNorm` call, which on a CUDA
-channels_last tensor is two Triton kernels: per-channel statistics when they are being collected (a BN-reset pass, see
-:class:`lmc_lightning.weights.renorm._Pass`), then one pass ``relu(a * x + b + z)``. Elsewhere (CPU, other layouts,
-no Triton) it computes the same with torch ops.
+channels_last tensor runs Triton kernels: when statistics are being collected (a BN-reset pass, see
+:class:`lmc_lightning.weights.renorm._Pass`), one read of the activation for per-channel moments and a small kernel
+merging them into the batch-norm affine map; then one pass ``relu(a * x + b + z)``. Elsewhere (CPU, other layouts, no
+Triton) it computes the same with torch ops. Used by ``evaluate_path(..., fuse_norms=True)`` (experimental).
 
 The fused module shares its parameters and buffers with the traced net, so weights copied into the net are what it
 computes with. Semantics are those of the unfused net in eval mode (running statistics) or, inside a statistics pass,
