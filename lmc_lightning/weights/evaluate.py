@@ -326,8 +326,8 @@ def evaluate_path(
         fuse_norms: Experimental, loop strategy with ``bn`` None or ``"reset"``: run each BatchNorm2d with the ReLU
             and residual add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels
             on CUDA). It cut the kernel time of ResNet-20 x4 from 3.3 s to 2.0 s on an H100, but its many small
-            launches make it host-bound: 2.95 s against 3.57 s unfused in one process, 5.9 s against 3.5 s in
-            another (see the README), so it is off by default.
+            launches make it host-bound: 2.95 s in one process, 5.9 s in another, against 3.5 s unfused (see the
+            README), so it is off by default.
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
