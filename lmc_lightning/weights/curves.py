@@ -184,8 +184,8 @@ class ControlPath(Path):
 
         Keys whose free points need gradients form one flat vector ``c_fixed @ fixed + c_free @ cat(free)`` (one
         concatenation and a few multiply-adds, see :func:`combine`, with the coefficients as Python floats), viewed
-        per key. ``copy_keys`` (buffers the
-        net may update in place) come back as fresh tensors, detached, sharing nothing with the other keys.
+        per key. ``copy_keys`` (buffers the net may update in place) come back as fresh tensors, detached, sharing
+        nothing with the other keys.
         """
         coef = self.point_coefficients(coords)
         coef_fixed, coef_free = [coef[i] for i in self.fixed_index], [coef[i] for i in self.free_index]

@@ -230,14 +230,6 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
             ev.add(model(x), y, i)
 
 
-def _fused_model(work: nn.Module, bn: str | None, strategy: str) -> nn.Module | None:
-    """The BN-fused trace of ``work`` (:mod:`lmc_lightning.weights.fused`) for the loop with BN reset or no
-    renormalisation (REPAIR / RESCALE hook the unfused layers); None where it does not apply."""
-    if strategy != "loop" or bn not in (None, "reset"):
-        return None
-    return fused.fuse_norms(work)
-
-
 def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
     batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
     device = ev.loss.device
@@ -398,7 +390,8 @@ def evaluate_path(
                 defaults = _materialize(work, sites)
         points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
-            model = _fused_model(work, bn, chosen) if fuse_norms else None
+            # REPAIR / RESCALE hook the unfused layers, so only BN reset and plain evaluation run fused
+            model = fused.fuse_norms(work) if fuse_norms and bn in (None, "reset") else None
             _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model)
         else:
             _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))

@@ -18,6 +18,7 @@ the unfused one rounds after every op.
 from __future__ import annotations
 
 import operator
+import os
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,6 +35,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 StatsHook = Callable[[Tensor, Tensor, Tensor], None]
 """``hook(x, mean, var)``: receives the batch mean and biased variance of a fused BN's input."""
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's CPU interpreter is on (kernel tests on machines without a GPU)."""
 
 _STATS_ROWS = 256
 _STATS_PROGRAMS = 256
@@ -130,9 +134,6 @@ def _nhwc(x: Tensor) -> bool:
     return (triton is not None and (x.is_cuda or _INTERPRET) and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float32, torch.bfloat16,
                                                                                   torch.float16))
-
-
-_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel tests)
 
 
 def _affine(var: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype
@@ -285,22 +286,22 @@ def fuse_norms(net: nn.Module) -> fx.GraphModule | None:
                 or calls[node.target] > 1:
             continue
         users = list(node.users)
-        last, z = node, None
+        chain, z = [node], None  # the nodes the fused call replaces, in execution order
         if len(users) == 1 and _is_relu(users[0], modules):
-            last = users[0]
+            chain.append(users[0])
         elif len(users) == 1 and _is_add(users[0]) and len(users[0].users) == 1 \
                 and _is_relu(next(iter(users[0].users)), modules):
             add = users[0]
             z = add.args[1] if add.args[0] is node else add.args[0]
-            last = next(iter(add.users))
-        with graph.inserting_before(last):
+            chain += [add, next(iter(add.users))]
+        with graph.inserting_before(chain[-1]):
             fused = graph.call_module(node.target, (node.args[0],) if z is None else (node.args[0], z))
-        last.replace_all_uses_with(fused)
-        for dead in ([last, last.args[0], node] if z is not None else [last, node] if last is not node else [node]):
+        chain[-1].replace_all_uses_with(fused)
+        for dead in reversed(chain):
             graph.erase_node(dead)
         parent, _, name = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name,
-                FusedBatchNorm(bn, add=z is not None, relu=last is not node))
+                FusedBatchNorm(bn, add=z is not None, relu=len(chain) > 1))
     graph.lint()
     gm.recompile()
     return gm
