@@ -5,7 +5,7 @@
     augmentation or decoding cost is counted against it), ``.item()`` per batch;
 (b) a plain fp32 loop on device-resident data (weights loaded per point, BN reset and evaluation on device tensors);
 (c) ours: :func:`lmc_lightning.weights.evaluate.evaluate_path` with its defaults (plus, with ``--strategies``, forced
-    ``loop`` and ``vmap`` rows and, for BN nets, the loop with ``fuse_norms=True``).
+    ``loop`` and ``vmap`` rows and, for BN nets, the loop without BN fusion at batch 1000, ``ours-unfused``).
 
 (b) and (c) are handed the test and statistics data already on the device (device-resident, as a datamodule with
 ``device_resident=True`` holds it), so the comparison measures path evaluation, not one host-to-device copy (about
@@ -125,11 +125,11 @@ def plain_loop(path: Linear, net: nn.Module, test, train_x: Tensor, ts, s: Setup
     return (losses / len(y_test)).cpu().numpy()
 
 
-def ours(strategy: str = "auto", fuse_norms: bool = False) -> Callable[..., np.ndarray]:
+def ours(strategy: str = "auto", **options) -> Callable[..., np.ndarray]:
     def run(path: Linear, net: nn.Module, test, train_x: Tensor, ts, s: Setup, bn: bool) -> np.ndarray:
         res = evaluate_path(path, net, test, coords=ts, bn="reset" if bn else None, train_data=train_x,
-                            bn_batches=s.bn_batches, bn_batch_size=s.bn_batch_size, batch_size=s.batch_size,
-                            device=s.device, strategy=strategy, fuse_norms=fuse_norms)
+                            bn_batches=s.bn_batches, bn_batch_size=s.bn_batch_size, device=s.device,
+                            strategy=strategy, **options)
         run.meta = res.meta
         return res.loss
 
@@ -185,7 +185,7 @@ def bench_net(label: str, name: str, kwargs: dict, s: Setup, args) -> list[dict]
     if args.strategies:
         methods |= {"(c) ours-loop": ours("loop"), "(c) ours-vmap": ours("vmap")}
         if bn:
-            methods["(c) ours-fused"] = ours("loop", fuse_norms=True)
+            methods["(c) ours-unfused"] = ours("loop", fuse_norms=False, batch_size=s.batch_size)
     rows, ref = [], None
     for method, fn in methods.items():
         test_m, train_m = data.get(method, (test, train_x) if args.host_data else resident)
@@ -193,7 +193,7 @@ def bench_net(label: str, name: str, kwargs: dict, s: Setup, args) -> list[dict]
         seconds, losses = timed(fn, path, a, test_m, train_m, ts, s, bn, device=s.device, repeats=args.repeats)
         ref = losses if ref is None else ref
         meta = getattr(fn, "meta", {})
-        fused_note = " fused-BN" if meta.get("fused_norms") else ""
+        fused_note = (" fused-BN" if meta.get("fused_norms") else "") + f" batch {meta.get('batch_size', s.batch_size)}"
         rows.append({"net": label, "params": params, "method": method, "seconds": seconds, "bn": bn,
                      "tflops": flops / seconds / 1e12, "diff": float(np.abs(losses - ref).max()),
                      "barrier": float(losses.max() - (losses[0] + losses[-1]) / 2),

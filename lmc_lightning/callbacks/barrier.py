@@ -48,7 +48,8 @@ class InterpolationBarrier(Callback):
         max_eval_samples: Evaluate on at most this many samples of the split (a fixed seeded subset); ``None``: all.
         split: ``"val"``, ``"test"``, or ``"auto"`` (val when the datamodule has one, else test).
         reference_prefix: Network submodule inside a reference Lightning checkpoint.
-        evaluation_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
+            elsewhere; see :func:`~lmc_lightning.weights.evaluate.evaluate_path`).
         precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy (``"auto"``, ``"loop"``, ``"vmap"``).
         log_prefix: Prefix of the logged names (use distinct ones for several barrier callbacks).
@@ -68,7 +69,7 @@ class InterpolationBarrier(Callback):
         max_eval_samples: int | None = 10_000,
         split: Split = "auto",
         reference_prefix: str = "net",
-        evaluation_batch_size: int = 1000,
+        evaluation_batch_size: int | None = None,
         precision: str = "auto",
         strategy: str = "auto",
         log_prefix: str = "barrier",

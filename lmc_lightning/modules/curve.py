@@ -142,7 +142,8 @@ class CurveModule(FittedPathModule):
             ``"rescale"`` or ``None``.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
-        evaluation_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
+            elsewhere; see :func:`~lmc_lightning.weights.evaluate.evaluate_path`).
         precision: Evaluation precision (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy (``"auto"``, ``"loop"`` or ``"vmap"``).
         prefix: Network submodule inside the endpoints' checkpoints.
@@ -169,7 +170,7 @@ class CurveModule(FittedPathModule):
         bn: BNChoice | None = "auto",
         bn_batches: int = 20,
         bn_batch_size: int = 500,
-        evaluation_batch_size: int = 1000,
+        evaluation_batch_size: int | None = None,
         precision: str = "auto",
         strategy: str = "auto",
         prefix: str | list[str] = "net",

@@ -33,13 +33,14 @@ STRATEGIES = ("auto", "loop", "vmap")
 
 
 def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: str | None = None,
-                        bn_batches: int = 1, bn_batch_size: int = 1, evaluation_batch_size: int = 1) -> None:
+                        bn_batches: int = 1, bn_batch_size: int = 1, evaluation_batch_size: int | None = None
+                        ) -> None:
     """Raise a ValueError naming the first invalid path-evaluation setting."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
     if bn is not None and bn not in ("reset", "repair", "rescale"):
         raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
-    if bn_batches < 1 or bn_batch_size < 1 or evaluation_batch_size < 1:
+    if bn_batches < 1 or bn_batch_size < 1 or (evaluation_batch_size is not None and evaluation_batch_size < 1):
         raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
                          f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
     if str(precision) not in PRECISIONS:
@@ -132,7 +133,8 @@ class PathModule(LMCModule):
             ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
-        evaluation_batch_size: Batch size of the evaluation pass.
+        evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
+            elsewhere; see :func:`~lmc_lightning.weights.evaluate.evaluate_path`).
         precision: Evaluation precision, passed to ``evaluate_path`` (``"auto"``: bf16 autocast on GPU).
         strategy: Evaluation strategy, passed to ``evaluate_path`` (``"auto"``, ``"loop"`` or ``"vmap"``).
         prefix: Submodule holding the network inside the endpoints' Lightning checkpoints (``"net"``; ``"net_a"`` or
@@ -157,7 +159,7 @@ class PathModule(LMCModule):
         bn: BNMode | None = None,
         bn_batches: int = 20,
         bn_batch_size: int = 500,
-        evaluation_batch_size: int = 1000,
+        evaluation_batch_size: int | None = None,
         precision: str = "auto",
         strategy: str = "auto",
         prefix: str | list[str] = "net",

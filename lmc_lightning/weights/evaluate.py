@@ -3,12 +3,11 @@
 Fast by construction: the test data and the statistics batches move to the device once for all points; on CUDA,
 every net runs under bf16 autocast (conv nets also channels_last, cuDNN autotuned); and points are either evaluated
 one after another on a private copy of the net (``"loop"``: weights copied in place, plain module forward) or batched
-with ``torch.func.vmap`` over weights stacked along a leading dim (``"vmap"``). Measured on an H100 (21 points, BN reset
-on 20 x 500, 10k test images, device-resident), vmap was 5x faster than the loop for a 2.1M-parameter MLP and 1.4x for
-ResNet-20x1 (0.27M), but 0.75x for ResNet-20x4 (4.3M) and 0.67x for VGG-16-BN, so ``strategy="auto"`` uses vmap on
-CUDA for conv-free nets up to :data:`VMAP_MAX_PARAMS` parameters and conv nets up to :data:`VMAP_MAX_CONV_PARAMS`.
-In fp32 both strategies equal a plain per-point loop to float rounding. ``fuse_norms=True`` (experimental) runs the
-loop through a BN-fused trace of the net (:mod:`lmc_lightning.weights.fused`).
+with ``torch.func.vmap`` over weights stacked along a leading dim (``"vmap"``); :func:`choose_strategy` picks one
+from measurements. In fp32 both strategies equal a plain per-point loop to float rounding. On CUDA the loop runs
+through a BN-fused trace of the net (:mod:`lmc_lightning.weights.fused`: BatchNorm, ReLU and residual add in one
+pass) with large batches: the evaluation batch is as large as memory allows, and BN reset forwards many statistics
+batches at once, each still normalised by its own statistics.
 
 Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``; see :mod:`lmc_lightning.weights.renorm`) are taken at every
 point on the same ``bn_batches x bn_batch_size`` training samples, a subset drawn with :data:`STATS_SEED` (all of the
@@ -43,6 +42,11 @@ from lmc_lightning.weights.result import PathResult
 VMAP_MAX_PARAMS = 20_000_000
 VMAP_MAX_CONV_PARAMS = 1_000_000
 """``strategy="auto"`` picks vmap for nets without conv layers up to this many parameters (else the loop)."""
+
+AUTO_BATCH_MAX = 16384
+AUTO_MEMORY_FRACTION = 0.25
+"""``batch_size=None`` on CUDA (loop strategy): the largest batch, up to :data:`AUTO_BATCH_MAX`, whose measured
+forward memory fits in this fraction of the device's free memory."""
 
 STATS_SEED = 0
 """Seed of the random subset of training samples used for statistics (BN reset, REPAIR, RESCALE)."""
@@ -109,13 +113,21 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def choose_strategy(net: nn.Module, device: str | torch.device = "cuda") -> str:
-    """What ``strategy="auto"`` picks: on CUDA, ``"vmap"`` for small nets (at most :data:`VMAP_MAX_PARAMS` parameters
-    without conv layers, :data:`VMAP_MAX_CONV_PARAMS` with), where launch overhead dominates; else ``"loop"`` (on CPU,
-    batching points gains nothing: a 2-core run of the MLP benchmark measured vmap 0.87x of the loop)."""
+    """What ``strategy="auto"`` picks, from measurements on an H100 (README, "Performance").
+
+    On CUDA: ``"loop"`` for nets with BatchNorm2d when Triton is there (the loop runs them BN-fused with large
+    batches: 1.6x faster than vmap for ResNet-20 x1, 2.5x for ResNet-20 x4), else ``"vmap"`` for small nets (at most
+    :data:`VMAP_MAX_PARAMS` parameters without conv layers, :data:`VMAP_MAX_CONV_PARAMS` with), where launch overhead
+    dominates (an MLP of 2.1M parameters: vmap 1.6x the loop). Elsewhere ``"loop"`` (on CPU, batching points gains
+    nothing: a 2-core run of the MLP benchmark measured vmap 0.87x of the loop).
+    """
+    if torch.device(device).type != "cuda":
+        return "loop"
+    if fused.triton is not None and any(type(m) is nn.BatchNorm2d and m.track_running_stats for m in net.modules()):
+        return "loop"
     has_conv = any(isinstance(m, _ConvNd) for m in net.modules())
     size = sum(p.numel() for p in net.parameters())
-    limit = VMAP_MAX_CONV_PARAMS if has_conv else VMAP_MAX_PARAMS
-    return "vmap" if torch.device(device).type == "cuda" and size <= limit else "loop"
+    return "vmap" if size <= (VMAP_MAX_CONV_PARAMS if has_conv else VMAP_MAX_PARAMS) else "loop"
 
 
 @contextlib.contextmanager
@@ -213,15 +225,33 @@ class _Points:
         return {k: out[k] for k in self.keys}
 
 
-def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None) -> None:
+def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
+    """The evaluation batch size for ``batch_size=None``: 1000 off CUDA; on CUDA, from the peak memory of a probe
+    forward of 256 samples (which resets the device's peak-memory counter), as many samples as fit in
+    :data:`AUTO_MEMORY_FRACTION` of the free memory (at most :data:`AUTO_BATCH_MAX`)."""
+    if device.type != "cuda":
+        return 1000
+    probe = x[:256]
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model(probe)
+    per_sample = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(probe)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(AUTO_BATCH_MAX, max(len(probe), AUTO_MEMORY_FRACTION * (free + cached) // per_sample)))
+
+
+def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1) -> None:
     """One point after another: weights copied into ``work``; ``model`` (default ``work``) runs the forward passes,
-    e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors)."""
+    e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors).
+    BN reset forwards up to ``merge`` statistics batches at once (:func:`~lmc_lightning.weights.renorm.reset_bn`)."""
     model = work if model is None else model
     state = dict(work.state_dict())
     for i, t in enumerate(coords[:, 0].tolist()):
         _load(state, {**defaults, **points.at(i)})
         if bn == "reset":
-            renorm.reset_bn(model, stats, sync=False)
+            renorm.reset_bn(model, stats, sync=False, merge=merge)
         elif bn is not None:
             repaired = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
                                           endpoint_stats=endpoint_stats, sync=False)
@@ -280,14 +310,14 @@ def evaluate_path(
     train_data: Any = None,
     bn_batches: int = 20,
     bn_batch_size: int = 500,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     strategy: str = "auto",
     chunk_size: int | None = None,
     align: str | None = None,
     align_samples: int = 5000,
-    fuse_norms: bool = False,
+    fuse_norms: bool | None = None,
 ) -> PathResult:
     """Loss and accuracy of ``net`` with the weights of ``path`` at many points.
 
@@ -305,7 +335,10 @@ def evaluate_path(
             inputs (labels are not needed).
         bn_batches: Number of statistics batches.
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
-        batch_size: Evaluation batch size (per point).
+        batch_size: Samples per forward pass when evaluating a point. Default: 1000, or on CUDA with the loop
+            strategy as many as fit (:func:`_auto_batch_size`, up to :data:`AUTO_BATCH_MAX`). With fused BN, BN
+            reset also forwards ``batch_size // bn_batch_size`` statistics batches at once (each normalised by its
+            own statistics, so the numbers do not change).
         device: Default: CUDA when available, else CPU.
         precision: ``"auto"`` (bf16 autocast on CUDA, with channels_last for conv nets; fp32 on CPU), ``"32"``
             (fp32 everywhere) or ``"bf16"`` (bf16 autocast on any device).
@@ -315,11 +348,9 @@ def evaluate_path(
             ``"ste"``, see :func:`lmc_lightning.weights.permutation.align_weights`); for two-endpoint paths without
             free control points (``Linear``, ``Arc``). Data-driven methods use ``align_samples`` training samples.
         align_samples: Training samples (a seeded subset) for activation and STE matching.
-        fuse_norms: Experimental, loop strategy with ``bn`` None or ``"reset"``: run each BatchNorm2d with the ReLU
-            and residual add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels
-            on CUDA). It cut the kernel time of ResNet-20 x4 from 3.3 s to 2.0 s on an H100, but its many small
-            launches make it host-bound: 2.95 s in one process, 5.9 s in another, against 3.5 s unfused (see the
-            README), so it is off by default.
+        fuse_norms: Loop strategy with ``bn`` None or ``"reset"``: run each BatchNorm2d with the ReLU and residual
+            add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels on CUDA,
+            float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton.
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
@@ -331,7 +362,7 @@ def evaluate_path(
         raise ValueError(f"strategy must be 'auto', 'loop' or 'vmap', got {strategy!r}.")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
-    if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
+    if (batch_size is not None and batch_size < 1) or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}.")
     if bn in ("repair", "rescale") and path.dim != 1:
         raise ValueError(f"bn={bn!r} interpolates the endpoints' statistics along a curve; this path has dim "
@@ -371,14 +402,20 @@ def evaluate_path(
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
     x_dev, y_dev = to_device(x_test), y_test.to(device)
-    test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
     stats = [to_device(b) for b in _stats_batches(stats_x, bn_batches, bn_batch_size)] if bn is not None else None
     path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
-    ev = _Evaluator(test_batches, len(pts), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if fuse_norms is None:
+        fuse_norms = channels_last and fused.triton is not None
+    # REPAIR / RESCALE hook the unfused layers, so only BN reset and plain evaluation run fused
+    model = fused.fuse_norms(work) if fuse_norms and chosen == "loop" and bn in (None, "reset") else None
 
     with torch.no_grad(), autocast, _cudnn_autotune(device):
-        sites, endpoint_stats, defaults, model = None, None, {}, None
+        if batch_size is None:
+            batch_size = _auto_batch_size(work if model is None else model, x_dev, device) if chosen == "loop" else 1000
+        test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
+        ev = _Evaluator(test_batches, len(pts), device)
+        sites, endpoint_stats, defaults = None, None, {}
         if bn in ("repair", "rescale"):
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
             sites = renorm.find_sites(work, stats[0][:2], theta_a)
@@ -390,16 +427,15 @@ def evaluate_path(
                 defaults = _materialize(work, sites)
         points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
-            # REPAIR / RESCALE hook the unfused layers, so only BN reset and plain evaluation run fused
-            model = fused.fuse_norms(work) if fuse_norms and bn in (None, "reset") else None
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model)
+            merge = max(1, batch_size // bn_batch_size) if model is not None else 1
+            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge)
         else:
             _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {
         "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
-        "channels_last": channels_last,
+        "channels_last": channels_last, "batch_size": batch_size,
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
     }

@@ -161,6 +161,10 @@ class _Pass:
     touching their buffers (their forward becomes ``torch.native_batch_norm`` in training mode, whose batch mean and
     inverse std are recorded at no extra cost). Site outputs are measured, and corrected, with the same fused kernel,
     so no float32 copy of a bf16 activation is ever made.
+
+    :meth:`run` may forward several equal statistics batches as one (``merge``): every BN layer then normalises each
+    batch by that batch's own statistics (one pass for a :class:`~lmc_lightning.weights.fused.FusedBatchNorm`, a
+    loop over the batches otherwise), so the moments are those of the batches forwarded one by one.
     """
 
     def __init__(
@@ -176,15 +180,17 @@ class _Pass:
         self.counts: dict[str, int] = {}
         self.eps_of: dict[str, float | None] = {}
         self.goal: Stats = {}
+        self.groups = 1  # statistics batches in the current forward
 
     def __enter__(self) -> _Pass:
         self._eval = _EvalMode(self.net)
         self._eval.__enter__()
-        self._handles, self._patched = [], []
+        self._handles, self._patched, self._fused = [], [], []
         for name in self.bn_names:
             m = self.net.get_submodule(name)
             if isinstance(m, FusedBatchNorm):  # normalises by batch statistics and reports them while hooked
                 m.stats_hook = partial(self._record, f"in:{name}", eps=None)
+                self._fused.append(m)
             else:
                 m.forward = partial(self._bn_forward, name, m)  # instance attribute, removed on exit
             self._patched.append(m)
@@ -199,17 +205,22 @@ class _Pass:
         for m in self._patched:
             m.__dict__.pop("forward", None)
             if isinstance(m, FusedBatchNorm):
-                m.stats_hook = None
+                m.stats_hook, m.stats_groups = None, 1
         self._eval.__exit__(*exc)
 
     def _record(self, key: str, y: Tensor, mean: Tensor, second: Tensor, eps: float | None) -> None:
         # no arithmetic here: a few hundred tiny kernels per point add up on a GPU; _reduce converts all at once
-        self.counts[key] = y.numel() // y.shape[1]
+        self.counts[key] = y.numel() // y.shape[1] // self.groups
         self.eps_of[key] = eps
         self.records[key] = (mean, second)
 
     def _bn_forward(self, name: str, m: _BatchNorm, x: Tensor) -> Tensor:
-        out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
+        if self.groups == 1:
+            out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
+        else:
+            outs, means, invstds = zip(*(torch.native_batch_norm(xg, m.weight, m.bias, None, None, True, 0.0, m.eps)
+                                         for xg in x.chunk(self.groups)))
+            out, mean, invstd = torch.cat(outs), torch.stack(means), torch.stack(invstds)
         self._record(f"in:{name}", x, mean, invstd, m.eps)
         return out.to(x.dtype)
 
@@ -234,11 +245,17 @@ class _Pass:
         weights: Mapping[str, Tensor] | None = None,
         stacked: bool = False,
         goal: Stats | None = None,
+        merge: int = 1,
     ) -> Moments:
-        """Forward every batch; returns the per-batch moments of every record key."""
+        """Forward every batch (up to ``merge`` consecutive equal-shaped ones at once); returns the per-batch moments
+        of every record key."""
         if stacked and weights is None:
             raise ValueError("stacked=True needs a stacked weight dict.")
+        if merge > 1 and (stacked or self.sites):
+            raise ValueError("merge > 1 works for BN statistics of one point (no stacked weights, no sites).")
         goal = goal or {}
+        if any(isinstance(m, _BatchNorm) and not m.track_running_stats for m in self.net.modules()):
+            merge = 1  # such a layer would take statistics over the merged batches
 
         def call(w, g, x):
             self.goal, self.records = g, {}
@@ -248,10 +265,27 @@ class _Pass:
 
         fn = vmap(call, in_dims=(0, 0 if goal else None, None)) if stacked else call
         moments: Moments = {}
-        for x in batches:
-            for key, (mean, invstd) in fn(weights, goal, x).items():
-                moments.setdefault(key, []).append((self.counts[key], mean, invstd, self.eps_of[key]))
+        for group in _merged(batches, merge):
+            self.groups = len(group)
+            for m in self._fused:
+                m.stats_groups = self.groups
+            x = group[0] if len(group) == 1 else torch.cat(group)
+            for key, (mean, second) in fn(weights, goal, x).items():
+                pairs = zip(mean.unbind(), second.unbind(), strict=True) if self.groups > 1 else [(mean, second)]
+                moments.setdefault(key, []).extend((self.counts[key], m, sec, self.eps_of[key]) for m, sec in pairs)
+        self.groups = 1
         return moments
+
+
+def _merged(batches: Sequence[Tensor], merge: int) -> list[list[Tensor]]:
+    """Consecutive runs of at most ``merge`` batches of one shape (each run is forwarded as one tensor)."""
+    runs: list[list[Tensor]] = []
+    for x in batches:
+        if runs and len(runs[-1]) < merge and runs[-1][0].shape == x.shape:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
 
 
 def _should_sync(sync: bool | None) -> bool:
@@ -326,6 +360,7 @@ def reset_bn(
     *,
     stacked: bool = False,
     sync: bool | None = None,
+    merge: int = 1,
 ) -> WeightDict:
     """Recompute the running mean and variance of every BatchNorm layer on ``batches``.
 
@@ -338,6 +373,9 @@ def reset_bn(
         weights: Optional weight dict used through ``functional_call``; it is not modified.
         stacked: ``weights`` hold ``P`` points along a leading dim (evaluated with ``torch.func.vmap``).
         sync: All-reduce the sums across ranks; default: when ``torch.distributed`` is initialised.
+        merge: Forward up to this many consecutive batches of one shape as one tensor; each BN layer still
+            normalises every batch by its own statistics, so the result is the same (fewer, larger kernels: pays
+            with BN layers fused by :func:`lmc_lightning.weights.fused.fuse_norms`). Not with ``stacked``.
 
     Returns:
         The weight dict with the new statistics (the module's ``state_dict()`` when ``weights`` is None).
@@ -352,7 +390,7 @@ def reset_bn(
             "Use bn=None, or 'repair'/'rescale' to renormalise a net without BatchNorm."
         )
     with torch.no_grad(), _Pass(net, bn_inputs=bns) as p:
-        moments = p.run(_as_batches(batches), weights, stacked)
+        moments = p.run(_as_batches(batches), weights, stacked, merge=merge)
     return _write_bn(net, weights, _bn_statistics(net, _reduce(moments, sync)))
 
 

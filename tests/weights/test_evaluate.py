@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lmc_lightning.nets import get_net
+from lmc_lightning.weights import fused
 from lmc_lightning.weights.evaluate import choose_strategy, evaluate_path
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.result import PathResult
@@ -147,8 +148,10 @@ def test_bad_inputs_are_clear_errors(bn_pair, data):
     with pytest.raises(TypeError, match="split_tensors"):
         evaluate_path(path, a, "test-set")
     big_conv = get_net("resnet20", num_classes=10, in_channels=3, width=4)  # 4.3M parameters
-    assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(a, "cuda") == "vmap"  # small: launch-bound
+    small_conv = get_net("resnet20_ln", num_classes=10, in_channels=3, width=0.5)  # no BatchNorm to fuse
+    assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(small_conv, "cuda") == "vmap"  # launch-bound
     assert choose_strategy(big_conv, "cuda") == "loop"
+    assert choose_strategy(a, "cuda") == ("loop" if fused.triton is not None else "vmap")  # BN: fused loop
     assert choose_strategy(mlp, "cpu") == "loop" and choose_strategy(a, "cpu") == "loop"
 
 

@@ -81,15 +81,49 @@ def test_channel_stats_and_scale_shift_match_torch():
     torch.testing.assert_close(scale_shift(x, a, b, z, relu=True), want)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_merged_statistics_batches_give_the_same_reset(fuse):
+    """Forwarding several statistics batches at once: every BN still normalises each batch by its own statistics."""
+    net = _net("resnet20", {"width": 0.5}).double().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 16, 16, dtype=torch.float64, generator=g) * (1 + i) for i in range(5)]
+    batches.append(torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=g))  # a smaller last batch
+    ref, merged = copy.deepcopy(net), copy.deepcopy(net)
+    renorm.reset_bn(ref, batches)
+    renorm.reset_bn(fuse_norms(merged) if fuse else merged, batches, merge=3)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, rtol=0, atol=1e-10)
+    whole = copy.deepcopy(net)  # one batch of everything is a different reset: the merge is not that
+    renorm.reset_bn(whole, [torch.cat(batches[:5])])
+    assert not torch.allclose(whole.state_dict()["stages.0.0.residual.4.running_var"],
+                              ref.state_dict()["stages.0.0.residual.4.running_var"])
+
+
+def test_grouped_channel_stats_and_scale_shift_are_per_group():
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 3 + 1
+    w, b = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    mean, var, scale, shift = channel_stats(x, w, b, eps=1e-5, groups=3)
+    assert mean.shape == (3, 5)
+    out = scale_shift(x, scale, shift, relu=True)
+    for i, xg in enumerate(x.chunk(3)):
+        torch.testing.assert_close(mean[i], xg.mean((0, 2, 3)))
+        torch.testing.assert_close(var[i], xg.var((0, 2, 3), unbiased=False))
+        bn = torch.nn.functional.batch_norm(xg, None, None, w, b, training=True, eps=1e-5).relu()
+        torch.testing.assert_close(out[2 * i : 2 * i + 2], bn)
+    with pytest.raises(ValueError, match="equal groups"):
+        channel_stats(x, groups=4)
+
+
 def test_evaluate_path_with_fused_norms_equals_the_plain_loop():
     a, b = _net("resnet20", {"width": 0.5}, 0), _net("resnet20", {"width": 0.5}, 1)
     g = torch.Generator().manual_seed(0)
     test = (torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
     train = torch.randn(96, 3, 16, 16, generator=g)
-    kw = dict(num_points=4, bn="reset", train_data=train, bn_batches=3, bn_batch_size=32, batch_size=32,
-              device="cpu", strategy="loop")
-    plain = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, **kw)
-    fused = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, fuse_norms=True, **kw)
+    kw = dict(num_points=4, bn="reset", train_data=train, bn_batches=3, bn_batch_size=32, device="cpu",
+              strategy="loop")
+    plain = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, batch_size=32, **kw)
+    # batch 96: the three statistics batches are forwarded as one
+    fused = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, test, fuse_norms=True, batch_size=96, **kw)
     assert fused.meta["fused_norms"] and not plain.meta["fused_norms"]
     np.testing.assert_allclose(fused.loss, plain.loss, rtol=0, atol=1e-5)
     np.testing.assert_allclose(fused.accuracy, plain.accuracy, rtol=0, atol=1e-12)
@@ -119,6 +153,17 @@ for shape in [(5, 24, 9, 11), (3, 70, 4, 4), (4, 3, 130, 130)]:
         out = fused.scale_shift(xx, scale, shift, zz, relu=True)
         assert out.dtype == xx.dtype and out.stride() == xx.stride()
         torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    # three groups (batches of shape[0] samples), each with its own statistics and affine map
+    xg = torch.cat([x * (1 + i) + i for i in range(3)])
+    mean, var, scale, shift = fused.channel_stats(xg, w, b, 1e-5, groups=3)
+    assert mean.shape == (3, shape[1])
+    out = fused.scale_shift(xg, scale, shift, torch.cat([z] * 3), relu=True)
+    for i, part in enumerate(xg.chunk(3)):
+        ref_var, ref_mean = torch.var_mean(part.double(), dim=[0, 2, 3], correction=0)
+        torch.testing.assert_close(mean[i], ref_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var[i], ref_var, rtol=1e-5, atol=1e-6)
+        bn = torch.nn.functional.batch_norm(part.double(), None, None, w.double(), b.double(), True, eps=1e-5)
+        torch.testing.assert_close(out.chunk(3)[i].double(), (bn + z.double()).relu(), rtol=1e-4, atol=1e-4)
 print("kernels ok")
 """
 
