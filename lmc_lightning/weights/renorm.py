@@ -218,8 +218,9 @@ class _Pass:
         if self.groups == 1:
             out, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
         else:
-            outs, means, invstds = zip(*(torch.native_batch_norm(xg, m.weight, m.bias, None, None, True, 0.0, m.eps)
-                                         for xg in x.chunk(self.groups)))
+            parts = [torch.native_batch_norm(xg, m.weight, m.bias, None, None, True, 0.0, m.eps)
+                     for xg in x.chunk(self.groups)]
+            outs, means, invstds = zip(*parts, strict=True)
             out, mean, invstd = torch.cat(outs), torch.stack(means), torch.stack(invstds)
         self._record(f"in:{name}", x, mean, invstd, m.eps)
         return out.to(x.dtype)
