@@ -6,8 +6,10 @@ the whole activation, and the fused batch-norm kernel collects batch statistics 
 -> ``+ z`` -> ``ReLU`` chain (and each lone ``BatchNorm2d``) by one :class:`FusedBatchNorm` call, which on a CUDA
 channels_last tensor runs Triton kernels: when statistics are being collected (a BN-reset pass, see
 :class:`lmc_lightning.weights.renorm._Pass`), one read of the activation for per-channel moments and a small kernel
-merging them into the batch-norm affine map; then one pass ``relu(a * x + b + z)``. Elsewhere (CPU, other layouts, no
-Triton) it computes the same with torch ops. Used by ``evaluate_path(..., fuse_norms=True)`` (experimental).
+merging them into the batch-norm affine map; then one pass ``relu(a * x + b + z)``. A statistics pass may forward
+several batches as one (``FusedBatchNorm.stats_groups``): each keeps its own statistics and affine map, in the same
+kernels. Elsewhere (CPU, other layouts, no Triton) it computes the same with torch ops. Used by
+:func:`~lmc_lightning.weights.evaluate.evaluate_path` on CUDA (``fuse_norms``).
 
 The fused module shares its parameters and buffers with the traced net, so weights copied into the net are what it
 computes with. Semantics are those of the unfused net in eval mode (running statistics) or, inside a statistics pass,
