@@ -21,7 +21,7 @@ forward FLOPs (``torch.utils.flop_counter.FlopCounterMode``) of every evaluated 
 
     python benchmarks/path_eval.py --device cuda          # GPU, full sizes (21 points, BN reset 20 x 500, 10k test)
     python benchmarks/path_eval.py --quick                # tiny CPU run
-    python benchmarks/path_eval.py --cpu-fmnist           # the MLP on Fashion-MNIST-shaped data, on CPU
+    python benchmarks/path_eval.py --cpu-fmnist           # the MLP on real Fashion-MNIST, on CPU
 """
 
 from __future__ import annotations
@@ -168,11 +168,25 @@ def endpoints(name: str, kwargs: dict, shape: tuple[int, int, int], train_x: Ten
     return nets[0], nets[1]
 
 
+def fashion_mnist(root: str, n_train: int, n_test: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Statistics inputs and the test split of real Fashion-MNIST (normalised, as the datamodule serves them)."""
+    from lmc_lightning.data import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(root=root)
+    dm.setup("fit")
+    dm.setup("test")
+    x_test, y_test = dm.split_tensors("test")
+    return dm.split_tensors("train")[0][:n_train], (x_test[:n_test], y_test[:n_test])
+
+
 def bench_net(label: str, name: str, kwargs: dict, s: Setup, args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     n_train = s.bn_batches * s.bn_batch_size
-    train_x = torch.randn(n_train, *s.shape, generator=g)
-    test = (torch.randn(s.num_test, *s.shape, generator=g), torch.randint(0, 10, (s.num_test,), generator=g))
+    if args.cpu_fmnist:
+        train_x, test = fashion_mnist(args.root, n_train, s.num_test)
+    else:
+        train_x = torch.randn(n_train, *s.shape, generator=g)
+        test = (torch.randn(s.num_test, *s.shape, generator=g), torch.randint(0, 10, (s.num_test,), generator=g))
     a, b = endpoints(name, kwargs, s.shape, train_x)
     bn = bool(batchnorms(a))
     resident = (test[0].to(s.device), test[1].to(s.device)), train_x.to(s.device)
@@ -218,7 +232,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes on CPU")
-    p.add_argument("--cpu-fmnist", action="store_true", help="the MLP on 1x28x28 inputs on CPU")
+    p.add_argument("--cpu-fmnist", action="store_true", help="the MLP on real Fashion-MNIST (see --root), on CPU")
+    p.add_argument("--root", default="data", help="data root for --cpu-fmnist (the system copy is also searched)")
     p.add_argument("--nets", default=None, help=f"comma-separated subset of {sorted(NETS)}")
     p.add_argument("--points", type=int, default=21)
     p.add_argument("--num-test", type=int, default=10_000)
