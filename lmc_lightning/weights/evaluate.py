@@ -123,7 +123,8 @@ def choose_strategy(net: nn.Module, device: str | torch.device = "cuda") -> str:
     """
     if torch.device(device).type != "cuda":
         return "loop"
-    if fused.triton is not None and any(type(m) is nn.BatchNorm2d and m.track_running_stats for m in net.modules()):
+    if fused.supported(torch.device(device)) and any(type(m) is nn.BatchNorm2d and m.track_running_stats
+                                                   for m in net.modules()):
         return "loop"
     has_conv = any(isinstance(m, _ConvNd) for m in net.modules())
     size = sum(p.numel() for p in net.parameters())
@@ -350,7 +351,8 @@ def evaluate_path(
         align_samples: Training samples (a seeded subset) for activation and STE matching.
         fuse_norms: Loop strategy with ``bn`` None or ``"reset"``: run each BatchNorm2d with the ReLU and residual
             add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels on CUDA,
-            float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton.
+            float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton
+            (:func:`lmc_lightning.weights.fused.supported`).
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
@@ -406,7 +408,7 @@ def evaluate_path(
     path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if fuse_norms is None:
-        fuse_norms = channels_last and fused.triton is not None
+        fuse_norms = channels_last and fused.supported(device)
     # REPAIR / RESCALE hook the unfused layers, so only BN reset and plain evaluation run fused
     model = fused.fuse_norms(work) if fuse_norms and chosen == "loop" and bn in (None, "reset") else None
 

@@ -19,6 +19,7 @@ the unfused one rounds after every op.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections import Counter
@@ -144,11 +145,22 @@ if triton is not None:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
+def supported(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device``: Triton installed and a CUDA GPU of compute capability 8.0 or
+    newer (bf16 loads), or any device under Triton's CPU interpreter."""
+    if triton is None:
+        return False
+    if _INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _nhwc(x: Tensor) -> bool:
-    """Whether the Triton kernels can read ``x``: a 4-D channels_last CUDA tensor (channels the fastest dim)."""
-    return (triton is not None and (x.is_cuda or _INTERPRET) and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float32, torch.bfloat16,
-                                                                                  torch.float16))
+    """Whether the Triton kernels can read ``x``: a 4-D channels_last tensor (channels the fastest dim) on a
+    :func:`supported` device."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and supported(x.device))
 
 
 def _affine(var: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dtype: torch.dtype

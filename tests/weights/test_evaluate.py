@@ -151,8 +151,15 @@ def test_bad_inputs_are_clear_errors(bn_pair, data):
     small_conv = get_net("resnet20_ln", num_classes=10, in_channels=3, width=0.5)  # no BatchNorm to fuse
     assert choose_strategy(mlp, "cuda") == "vmap" and choose_strategy(small_conv, "cuda") == "vmap"  # launch-bound
     assert choose_strategy(big_conv, "cuda") == "loop"
-    assert choose_strategy(a, "cuda") == ("loop" if fused.triton is not None else "vmap")  # BN: fused loop
+    assert choose_strategy(a, "cuda") == ("loop" if fused.supported(torch.device("cuda")) else "vmap")
     assert choose_strategy(mlp, "cpu") == "loop" and choose_strategy(a, "cpu") == "loop"
+
+
+def test_auto_strategy_runs_bn_nets_fused_where_triton_can(bn_pair, monkeypatch):
+    a, _ = bn_pair  # a small conv net with BatchNorm2d: the fused loop where the kernels run, else vmap
+    for can, want in ((True, "loop"), (False, "vmap")):
+        monkeypatch.setattr(fused, "supported", lambda device, can=can: can)
+        assert choose_strategy(a, "cuda") == want
 
 
 class FakeDataModule:
@@ -293,3 +300,28 @@ def test_align_recovers_a_hidden_permutation_and_removes_the_barrier() -> None:
         from lmc_lightning.weights.curves import Bezier
 
         evaluate_path(Bezier([theta_a, theta_b], num_bends=1), net, (x, y), num_points=3, align="weight")
+
+
+def test_auto_batch_size_fits_a_quarter_of_free_memory(monkeypatch):
+    from lmc_lightning.weights import evaluate
+
+    assert evaluate._auto_batch_size(torch.nn.Identity(), torch.zeros(10, 3), torch.device("cpu")) == 1000
+    mib = 2**20
+    allocated = {"now": 100 * mib}
+    fake = {
+        "synchronize": lambda device=None: None,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "memory_allocated": lambda device=None: allocated["now"],
+        "max_memory_allocated": lambda device=None: allocated["now"] + 256 * mib,  # the probe: 1 MiB per sample
+        "memory_reserved": lambda device=None: allocated["now"] + 24 * mib,
+        "mem_get_info": lambda device=None: (2000 * mib, 80_000 * mib),
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    cuda = torch.device("cuda", 0)
+    assert evaluate._auto_batch_size(torch.nn.Identity(), torch.zeros(5000, 3), cuda) == 506  # (2000 + 24) / 4
+    fake["mem_get_info"] = lambda device=None: (40_000 * mib, 80_000 * mib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake["mem_get_info"])
+    assert evaluate._auto_batch_size(torch.nn.Identity(), torch.zeros(5000, 3), cuda) == 10006  # (40000 + 24) / 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (400_000 * mib, 800_000 * mib))
+    assert evaluate._auto_batch_size(torch.nn.Identity(), torch.zeros(5000, 3), cuda) == evaluate.AUTO_BATCH_MAX
