@@ -123,8 +123,7 @@ def choose_strategy(net: nn.Module, device: str | torch.device = "cuda") -> str:
     """
     if torch.device(device).type != "cuda":
         return "loop"
-    if fused.supported(torch.device(device)) and any(type(m) is nn.BatchNorm2d and m.track_running_stats
-                                                   for m in net.modules()):
+    if fused.supported(torch.device(device)) and fused.has_fusable(net):
         return "loop"
     has_conv = any(isinstance(m, _ConvNd) for m in net.modules())
     size = sum(p.numel() for p in net.parameters())

@@ -199,7 +199,14 @@ def channel_stats(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
         xg = x.double().unflatten(0, (groups, -1))
         var, mean = torch.var_mean(xg, dim=[1, *range(3, xg.dim())], correction=0)
         out = mean, var, *_affine(var, mean, weight, bias, eps, _compute_dtype(x))
-        return tuple(t[0] for t in out) if groups == 1 else out
+    else:
+        out = _triton_stats(x, weight, bias, eps, groups)
+    return tuple(t[0] for t in out) if groups == 1 else out
+
+
+def _triton_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, groups: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`channel_stats` on the Triton path: ``(mean, var, scale, shift)``, each ``[groups, C]``."""
     c = x.shape[1]
     rows = x.numel() // c // groups  # rows of the [N * H * W, C] matrix per group
     per = triton.cdiv(triton.cdiv(rows, max(1, _STATS_PROGRAMS // groups)), _STATS_ROWS) * _STATS_ROWS
@@ -215,8 +222,7 @@ def channel_stats(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
         part[0], part[1], weight if weight is not None else affine, bias if bias is not None else affine,
         moments[0], moments[1], affine[0], affine[1], programs, rows, per, c, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, CHUNK=_COMBINE_CHUNK, COLS=combine_cols, num_warps=4)
-    out = moments[0], moments[1], affine[0], affine[1]
-    return tuple(t[0] for t in out) if groups == 1 else out
+    return moments[0], moments[1], affine[0], affine[1]
 
 
 def scale_shift(x: Tensor, a: Tensor, b: Tensor, z: Tensor | None = None, relu: bool = False) -> Tensor:
@@ -311,6 +317,16 @@ def _is_add(node: fx.Node) -> bool:
                     or node.op == "call_method" and node.target == "add")
 
 
+def _fusable(module: nn.Module | None) -> bool:
+    """A BatchNorm2d with running statistics (what :class:`FusedBatchNorm` replaces)."""
+    return type(module) is nn.BatchNorm2d and module.track_running_stats
+
+
+def has_fusable(net: nn.Module) -> bool:
+    """Whether :func:`fuse_norms` has a BatchNorm2d to fuse in ``net``."""
+    return any(_fusable(m) for m in net.modules())
+
+
 def fuse_norms(net: nn.Module) -> fx.GraphModule | None:
     """A traced copy of ``net`` with each BatchNorm2d (and the ReLU / residual add after it) fused.
 
@@ -319,7 +335,7 @@ def fuse_norms(net: nn.Module) -> fx.GraphModule | None:
     Returns:
         The fused GraphModule, or None when ``net`` has no BatchNorm2d to fuse or cannot be traced by ``torch.fx``.
     """
-    if not any(type(m) is nn.BatchNorm2d and m.track_running_stats for m in net.modules()):
+    if not has_fusable(net):
         return None
     try:
         gm = fx.symbolic_trace(net)
@@ -330,8 +346,7 @@ def fuse_norms(net: nn.Module) -> fx.GraphModule | None:
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in list(graph.nodes):
         bn = modules.get(node.target) if node.op == "call_module" else None
-        if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or len(node.args) != 1 or node.kwargs \
-                or calls[node.target] > 1:
+        if not _fusable(bn) or len(node.args) != 1 or node.kwargs or calls[node.target] > 1:
             continue
         users = list(node.users)
         chain, z = [node], None  # the nodes the fused call replaces, in execution order
