@@ -36,7 +36,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, Dataset
 
 from lmc_lightning.weights import fused, renorm
-from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, combine
+from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
@@ -196,33 +196,27 @@ class _Points:
     """Weights of a path at given points, computed on the device without host synchronisation.
 
     Paths are linear combinations of control points (see :mod:`lmc_lightning.weights.paths`): the coefficients of
-    all points are computed once on the device, the control points are stacked once, and each point (or chunk) is
-    one :func:`~lmc_lightning.weights.paths.combine` per key, the same operations as ``path(t)`` /
-    ``path.stacked(coords)``.
+    all points are computed once on the device and the control points are stacked once; each point (or chunk) is
+    then :meth:`~lmc_lightning.weights.paths.Path.from_coefficients`, as in ``path(t)`` / ``path.stacked(coords)``.
     """
 
     def __init__(self, path: Path, coords: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.dtype = dtype
-        coef = path.coefficients(coords.to(device))
+        self.path, self.dtype = path, dtype
         self.ctrl = {k: path.control_points(k) for k in path.float_keys}
-        self.coef = {dtype: coef.to(dtype) for dtype in {v.dtype for v in self.ctrl.values()}}
-        first = path.endpoint(0)
-        self.other = {k: first[k] for k in path.keys_ if k not in self.ctrl}
-        self.keys = list(path.keys_)
+        coef = path.coefficients(coords.to(device))
+        dtypes = {v.dtype for v in self.ctrl.values()}
+        self.coef = coef.to(dtypes.pop()) if len(dtypes) == 1 else coef  # cast once, not per key and point
 
     def at(self, i: int) -> dict[str, Tensor]:
         """Weights at point ``i``."""
-        out = {k: combine(self.coef[v.dtype][i], v) for k, v in self.ctrl.items()}
-        out.update(self.other)
-        return {k: out[k] for k in self.keys}
+        return self.path.from_coefficients(self.coef[i], self.ctrl)
 
     def chunk(self, start: int, stop: int) -> dict[str, Tensor]:
         """Weights at points ``start:stop``, stacked along a leading dim."""
-        out = {k: combine(self.coef[v.dtype][start:stop], v) for k, v in self.ctrl.items()}
+        out = self.path.from_coefficients(self.coef[start:stop], self.ctrl)
         if self.dtype is not None:  # vmap passes these to the ops directly: match the autocast compute dtype
-            out = {k: v.to(self.dtype) for k, v in out.items()}
-        out.update({k: v.unsqueeze(0).expand(stop - start, *v.shape) for k, v in self.other.items()})
-        return {k: out[k] for k in self.keys}
+            out.update({k: out[k].to(self.dtype) for k in self.ctrl})
+        return out
 
 
 def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:

@@ -182,31 +182,35 @@ class Path(nn.Module, ABC):
         Returns:
             Dict of ``[P, *shape]`` tensors (non-floating tensors repeated ``P`` times).
         """
-        c = self._coords(coords)
-        coef = self.coefficients(c)
-        out: WeightDict = {}
-        for key in self.keys_:
-            if key in self.float_keys:
-                pts = self.control_points(key)
-                w = coef.to(pts.dtype)
-                out[key] = combine(w, pts)
-            else:
-                buf = getattr(self.other_store, _slot(key))
-                out[key] = buf.unsqueeze(0).expand(c.shape[0], *buf.shape)
-        return out
+        return self.from_coefficients(self.coefficients(self._coords(coords)))
 
     def forward(self, *coords: float | Tensor) -> WeightDict:
         """Weights at one point: ``path(t)`` for curves, ``path(u, v)`` for surfaces."""
         if len(coords) != self.dim:
             raise ValueError(f"{type(self).__name__} takes {self.dim} coordinate(s), got {len(coords)}.")
-        coef = self.point_coefficients(coords)
+        return self.from_coefficients(self.point_coefficients(coords))
+
+    def from_coefficients(self, coef: Tensor | Sequence[float], control: Mapping[str, Tensor] | None = None
+                          ) -> WeightDict:
+        """Weights from control-point coefficients (rows of :meth:`coefficients`), combined by :func:`combine`.
+
+        Args:
+            coef: One point's ``[K]`` coefficients (or K Python floats), or ``[P, K]`` for ``P`` points, whose
+                non-floating tensors are then repeated ``P`` times.
+            control: ``{key: self.control_points(key)}`` for every floating key, to reuse across calls (default:
+                stacked now).
+        """
+        many = isinstance(coef, Tensor) and coef.dim() == 2
+        if control is None:
+            control = {k: self.control_points(k) for k in self.float_keys}
         out: WeightDict = {}
         for key in self.keys_:
-            if key in self.float_keys:
-                pts = self.control_points(key)
-                out[key] = combine(coef, pts)
+            points = control.get(key)
+            if points is not None:
+                out[key] = combine(coef, points)
             else:
-                out[key] = getattr(self.other_store, _slot(key))
+                buf = getattr(self.other_store, _slot(key))
+                out[key] = buf.unsqueeze(0).expand(coef.shape[0], *buf.shape) if many else buf
         return out
 
     def point_coefficients(self, coords: Sequence[float | Tensor]) -> list[float]:
