@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -110,16 +111,18 @@ def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tenso
 
 def train(net: torch.nn.Module, data: dict, steps: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    lr = 0.05 if any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) else 0.01
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True)
     net.train()
     for step in range(steps):
         idx = torch.randint(len(data["x_train"]), (256,), generator=gen).to(data["x_train"].device)
         for group in opt.param_groups:
-            group["lr"] = 0.05 * min(1.0, (step + 1) / 20) * (1 - step / steps)
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * (1 - step / steps)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(data["x_train"].device.type, torch.bfloat16, enabled=data["x_train"].is_cuda):
             loss = F.cross_entropy(net(data["x_train"][idx]), data["y_train"][idx])
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
     net.eval()
 
@@ -147,17 +150,19 @@ def barrier(net: torch.nn.Module, a: dict, b: dict, spec: PermutationSpec, perm:
 
 
 VARIANTS = {  # name -> weight_matching arguments
-    "today": {"lazy": False, "solver": "scipy"},
-    "lazy": {"lazy": True, "solver": "scipy"},
-    "lazy+lap": {"lazy": True, "solver": "lap"},
-    "lazy+auction": {"lazy": True, "solver": "auction"},
-    "stream+auction": {"lazy": True, "solver": "auction", "stream": True},
-    "stream": {"lazy": True, "solver": "scipy", "stream": True},
+    "today": {"lazy": False, "solver": "scipy", "workers": 1},
+    "lazy": {"lazy": True, "solver": "scipy", "workers": 1},
+    "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8},
+    "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1},
+    "lazy+lap+threads": {"lazy": True, "solver": "lap", "workers": 8},
+    "lazy+auction": {"lazy": True, "solver": "auction", "workers": 1},
+    "stream+threads": {"lazy": True, "solver": "scipy", "workers": 8, "stream": True},
+    "stream": {"lazy": True, "solver": "scipy", "workers": 1, "stream": True},
 }
 
 
 def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, variants: list[str],
-          data: dict | None, steps: int, quick: bool) -> list[dict]:
+          data: dict | None, steps: int, quick: bool) -> Iterator[dict]:
     """Time every variant (and, unless ``ref_max_iter`` is 0, the textbook reference) on one pair of nets."""
     name, kwargs = (QUICK if quick else FULL)[label]
     nets = []
@@ -170,9 +175,11 @@ def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, va
     theta_a = {k: v.detach().clone() for k, v in nets[0].state_dict().items()}
     theta_b = {k: v.detach().clone() for k, v in nets[1].state_dict().items()}
     ends = (loss_of(nets[0], theta_a, data), loss_of(nets[0], theta_b, data)) if data is not None else None
+    if ends is not None:
+        print(f"# {label}: endpoint test losses {ends[0]:.4f} {ends[1]:.4f} after {steps} steps", flush=True)
     spec = derive_spec(nets[0])
     weight_matching(spec, theta_a, theta_b, max_iter=1)  # warm-up (CUDA context, kernels)
-    rows, today = [], None
+    today, first = None, None
     for variant in variants:
         args = dict(VARIANTS[variant])
         a, b = theta_a, theta_b
@@ -203,14 +210,14 @@ def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, va
             row["barrier"] = barrier(nets[0], theta_a, theta_b, spec, result.perm, data, ends)
             row["naive"] = barrier(nets[0], theta_a, theta_b, spec, {g: torch.arange(len(p)) for g, p in
                                                                     result.perm.items()}, data, ends)
-        rows.append(row)
+        first = first or row
+        yield row
     if ref_max_iter:
         t0 = time.perf_counter()
         ref_perm, ref_rounds = reference_weight_matching(spec, theta_a, theta_b, max_iter=ref_max_iter)
-        rows.append({"net": label, "variant": "textbook", "s": time.perf_counter() - t0, "rounds": ref_rounds,
-                     "groups": len(spec.groups), "params": rows[0]["params"],
-                     "agree": sum(np.array_equal(today.perm[g].numpy(), ref_perm[g]) for g in spec.groups)})
-    return rows
+        yield {"net": label, "variant": "textbook", "s": time.perf_counter() - t0, "rounds": ref_rounds,
+               "groups": len(spec.groups), "params": first["params"],
+               "agree": sum(np.array_equal(today.perm[g].numpy(), ref_perm[g]) for g in spec.groups)}
 
 
 def main() -> None:
@@ -230,8 +237,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = args.variants or (["today", "lazy"] + (["lazy+lap"] if has_lap() else [])
-                                 + (["lazy+auction", "stream+auction"] if device.type == "cuda" else ["stream"]))
+    variants = args.variants or (["today", "lazy", "lazy+threads"] + (["lazy+lap+threads"] if has_lap() else [])
+                                 + (["lazy+auction", "stream+threads"] if device.type == "cuda" else ["stream"]))
     data = fmnist(device) if args.train_steps else None
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()}"
           + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
@@ -239,10 +246,11 @@ def main() -> None:
           f"{'solves':>6s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s}")
     for label in args.nets:
         t_data = time.perf_counter()
-        rows = bench(label, device, args.max_iter, args.ref_max_iter, variants, data, args.train_steps, args.quick)
-        base = rows[0]["s"]
-        for r in rows:
-            fmt = lambda key, spec: format(r[key], spec) if key in r else "-"  # noqa: E731
+        base = None
+        for r in bench(label, device, args.max_iter, args.ref_max_iter, variants, data, args.train_steps,
+                       args.quick):
+            base = base or r["s"]
+            fmt = lambda key, spec, r=r: format(r[key], spec) if key in r else "-"
             print(f"{r['net']:12s} {r['variant']:15s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
                   f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} {base / r['s']:6.2f}x "
                   f"{r['agree']:3d}/{r['groups']:<2d} {fmt('peak_mib', '8.1f'):>8s} {fmt('barrier', '8.4f'):>8s} "

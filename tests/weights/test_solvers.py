@@ -59,3 +59,18 @@ def test_lazy_and_streamed_weight_matching_take_the_same_path() -> None:
     for result in (lazy, streamed):
         assert all(torch.equal(result.perm[g], eager.perm[g]) for g in spec.groups)
         assert result.objective == pytest.approx(eager.objective, rel=1e-6)
+
+
+def test_concurrent_steps_give_the_sequential_result() -> None:
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(get_net("resnet20", num_classes=5, in_channels=3, input_size=8, width=0.5))
+    spec = derive_spec(nets[0])
+    a, b = nets[0].state_dict(), nets[1].state_dict()
+    one = weight_matching(spec, a, b, solver="scipy", workers=1, seed=3)
+    many = weight_matching(spec, a, b, solver="scipy", workers=4, seed=3)
+    assert one.rounds == many.rounds >= 2 and one.solves == many.solves
+    assert all(torch.equal(one.perm[g], many.perm[g]) for g in spec.groups)
+    with pytest.raises(ValueError, match="workers"):
+        weight_matching(spec, a, b, workers=0)

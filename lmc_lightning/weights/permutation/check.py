@@ -35,9 +35,9 @@ def _first_layer(net: nn.Module) -> nn.Module | None:
 def probe_input(net: nn.Module, data: Data | None = None, n: int = 4, seed: int = 0) -> Tensor:
     """A small probe batch for ``net``: the first ``n`` inputs of ``data``, else seeded random inputs.
 
-    Without data the input shape is guessed from the first layer (``Linear``: ``[n, in_features]``; ``Conv``: images
-    of ``in_channels`` channels at the first size that runs (32, 28, 16, 8, 4, 64, 224, ... pixels); ``Embedding``: token ids of
-    length 16).
+    Without data the input shape is guessed from the first layer (``Linear``: ``[n, in_features]``; ``Conv``:
+    images of ``in_channels`` channels at the first size that runs, 32, 28, 16, 8, 4, 64, 224, ... pixels;
+    ``Embedding``: token ids of length 16).
 
     Raises:
         ValueError: No input shape runs; pass ``probe=`` (a tensor of inputs) or ``check=False``.

@@ -52,7 +52,8 @@ def _lap(cost: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(col, dtype=np.int64))
 
 
-def auction(cost: Tensor, eps_final: float | None = None, scale: float = 8.0, max_iter: int = 100_000) -> Tensor:
+def auction(cost: Tensor, eps_final: float | None = None, scale: float = 8.0, max_iter: int = 100_000,
+            price: Tensor | None = None, eps_start: float | None = None) -> Tensor:
     """Forward auction with epsilon scaling (Jacobi bidding: every unassigned row bids at once), in torch.
 
     Args:
@@ -61,6 +62,9 @@ def auction(cost: Tensor, eps_final: float | None = None, scale: float = 8.0, ma
             ``1e-7 * (max - min) / n``, on float64).
         scale: Factor by which epsilon shrinks per phase.
         max_iter: Bidding iterations allowed over all phases.
+        price: Starting column prices (a warm start, e.g. from a similar earlier problem); updated in place when
+            given on the cost's device as float64.
+        eps_start: First bid increment (default: a quarter of the cost range).
 
     Returns:
         Column index per row (CPU, int64).
@@ -74,9 +78,8 @@ def auction(cost: Tensor, eps_final: float | None = None, scale: float = 8.0, ma
         raise ValueError(f"auction needs a square cost matrix, got shape {tuple(c.shape)}.")
     span = (c.max() - c.min()).item() or 1.0
     eps_final = eps_final if eps_final is not None else 1e-7 * span / n
-    eps = max(span / 4, eps_final)
-    price = torch.zeros(n, dtype=c.dtype, device=c.device)
-    rows = torch.arange(n, device=c.device)
+    eps = max(eps_start if eps_start is not None else span / 4, eps_final)
+    price = price if price is not None else torch.zeros(n, dtype=c.dtype, device=c.device)
     iters = 0
     while True:
         owner = torch.full((n,), -1, dtype=torch.long, device=c.device)  # column -> row
@@ -109,7 +112,7 @@ def auction(cost: Tensor, eps_final: float | None = None, scale: float = 8.0, ma
         if eps <= eps_final:
             break
         eps = max(eps / scale, eps_final)
-    del rows
+    auction.iterations = iters  # type: ignore[attr-defined]  # read by benchmarks
     return assigned.cpu()
 
 

@@ -12,7 +12,11 @@ resident there.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -109,10 +113,63 @@ class _Matcher:
         return total
 
 
+class _Steps:
+    """The steps of coordinate descent: one assignment per group, run in order or concurrently where independent."""
+
+    def __init__(self, matcher: _Matcher, perm: dict[str, Tensor], solver: str, lazy: bool,
+                 device: torch.device) -> None:
+        self.matcher, self.perm, self.solver, self.lazy, self.device = matcher, perm, solver, lazy, device
+        self.stale = set(matcher.entries)  # groups whose cost may differ from the one they were last solved on
+        self.solves = 0
+        self.lock = threading.Lock()
+
+    def step(self, group: str) -> bool:
+        """Re-solve ``group`` given the others; True if the objective improved."""
+        with self.lock:
+            if self.lazy and group not in self.stale:
+                return False
+            self.stale.discard(group)
+            self.solves += 1
+        cost = self.matcher.cost(group, self.perm)
+        cost = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
+        col = solve_assignment(cost, self.solver)
+        rows = torch.arange(len(col))
+        current = self.perm[group]
+        old = cost[rows, current.to(cost.device)].sum().item()
+        new = cost[rows, col.to(cost.device)].sum().item()
+        with self.lock:
+            if not torch.equal(col, current.cpu()):
+                self.stale |= self.matcher.neighbours[group]
+            self.perm[group] = col.to(self.device)
+        return new > old + 1e-12 * abs(old)
+
+    def run_round(self, order: list[str], pool: ThreadPoolExecutor | None) -> bool:
+        """Visit ``order``; with a pool, a step starts once the earlier steps of its neighbours are done."""
+        if pool is None:
+            return any([self.step(group) for group in order])
+        deps = []
+        for k, group in enumerate(order):
+            near = self.matcher.neighbours[group]
+            deps.append({j for j in range(k) if order[j] in near})
+        done: set[int] = set()
+        running: dict[Future, int] = {}
+        improved, started = False, set()
+        while len(done) < len(order):
+            for k in range(len(order)):
+                if k not in started and deps[k] <= done:
+                    started.add(k)
+                    running[pool.submit(self.step, order[k])] = k
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                improved |= future.result()
+                done.add(running.pop(future))
+        return improved
+
+
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
                     device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
-                    stream: bool = False) -> MatchResult:
+                    stream: bool = False, workers: int | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
     Coordinate descent: each round visits the groups in a random order (seeded) and replaces one group's
@@ -132,6 +189,10 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
             :data:`~lmc_lightning.weights.permutation.solvers.SOLVERS` (``auto``: ``lap`` if installed, else scipy).
         lazy: Skip a group whose cost matrix is unchanged since its last solve (same result, fewer solves).
         stream: Keep both weight dicts where they are and move one group's tensors at a time to ``device``.
+        workers: Threads that solve, at the same time, steps of a round that share no weight (a step waits for the
+            earlier steps of the groups it shares a weight with), so the result is the same as with one worker.
+            Default: up to 8 when the cost matrices are computed on a GPU, else 1 (on the CPU the matmuls already
+            use every core).
 
     Returns:
         A :class:`MatchResult`; ``apply_permutation(theta_b, spec, result.perm)`` gives the aligned weights.
@@ -140,6 +201,10 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
     first = next(iter(theta_a.values()))
     device = torch.device(device) if device is not None else first.device
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
     solver = resolve_solver(solver)
     matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream)
     perm = identity(spec, theta_a)
@@ -149,29 +214,15 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     perm = {g: p.to(device) for g, p in perm.items()}
     groups = [g for g in spec.groups if matcher.entries[g]]
     gen = torch.Generator().manual_seed(seed)
-    rounds, converged, solves = 0, False, 0
-    stale = set(groups)  # groups whose cost matrix may differ from the one they were last solved on
-    while rounds < max_iter:
-        rounds += 1
-        improved = False
-        for i in torch.randperm(len(groups), generator=gen).tolist():
-            group = groups[i]
-            if lazy and group not in stale:
-                continue
-            cost = matcher.cost(group, perm)
-            cost = cost if solver == "auction" else cost.to("cpu", torch.float64)
-            col = solve_assignment(cost, solver)
-            solves += 1
-            stale.discard(group)
-            rows = torch.arange(len(col))
-            old = cost[rows, perm[group].to(cost.device)].sum().item()
-            new = cost[rows, col.to(cost.device)].sum().item()
-            if new > old + 1e-12 * abs(old):
-                improved = True
-            if not torch.equal(col, perm[group].cpu()):
-                stale |= matcher.neighbours[group]
-            perm[group] = col.to(device)
-        if not improved:
-            converged = True
-            break
-    return MatchResult({g: p.cpu() for g, p in perm.items()}, rounds, matcher.objective(perm), converged, solves)
+    state = _Steps(matcher, perm, solver, lazy, device)
+    rounds, converged = 0, False
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        while rounds < max_iter:
+            rounds += 1
+            order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+            improved = state.run_round(order, pool)
+            if not improved:
+                converged = True
+                break
+    return MatchResult({g: p.cpu() for g, p in perm.items()}, rounds, matcher.objective(perm), converged,
+                       state.solves)
