@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from lmc_lightning.weights.permutation.apply import apply_permutation
-from lmc_lightning.weights.permutation.batches import Data, eval_mode, iter_batches
+from lmc_lightning.weights.data import Data
+from lmc_lightning.weights.permutation.batches import eval_mode, iter_batches
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 
 _PROBE_SIZES = (32, 28, 16, 8, 4, 64, 224, 12, 24, 2, 1)

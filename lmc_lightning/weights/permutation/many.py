@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmc_lightning.weights.data import Data, materialize
 from lmc_lightning.weights.paths import check_compatible
 from lmc_lightning.weights.permutation.align import METHODS, align_weights
 from lmc_lightning.weights.permutation.apply import Permutation, apply_permutation, identity
-from lmc_lightning.weights.permutation.batches import Data
 from lmc_lightning.weights.permutation.check import check_equivalence, probe_input
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 from lmc_lightning.weights.permutation.trace import derive_spec
@@ -96,6 +96,9 @@ def align_many_weights(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], m
     check_compatible(*thetas, names=[f"model {i}" for i in range(len(thetas))])
     spec = spec if spec is not None else derive_spec(net)
     thetas = [dict(t) for t in thetas]
+    if data is not None and not isinstance(data, Tensor):  # read once, not once per pair
+        x, y = materialize(data, "train", what="data", labels=method == "ste")
+        data = (x, y) if y is not None else x
     pair = dict(method=method, data=data, spec=spec, seed=seed, max_iter=max_iter, device=device, check=False,
                 solver=solver, **method_kwargs)
     perms: list[Permutation] = [identity(spec, thetas[0])]
