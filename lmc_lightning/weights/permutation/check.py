@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lmc_lightning.weights.permutation.apply import apply_permutation
 from lmc_lightning.weights.data import Data
+from lmc_lightning.weights.permutation.apply import apply_permutation
 from lmc_lightning.weights.permutation.batches import eval_mode, iter_batches
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 
