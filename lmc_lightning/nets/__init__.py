@@ -1,15 +1,18 @@
 """Plain ``nn.Module`` architectures and a name registry.
 
 ``get_net("vgg16_bn", num_classes=10, width=2)`` builds a net; ``available()`` lists the names; ``register`` adds
-your own. Nets are built only from standard modules (Conv2d, Linear, BatchNorm2d, GroupNorm, ReLU, pooling,
-Flatten) and residual ``+``, so ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
+your own. Nets are built only from standard modules (Conv2d incl. grouped/depthwise, Linear, BatchNorm2d, GroupNorm,
+LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.scaled_dot_product_attention``, so ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
-from lmc_lightning.nets import mlp, preresnet, resnet, vgg  # noqa: F401  (registers the built-in nets)
+from lmc_lightning.nets import mlp, mobilenet, preresnet, resnet, vgg, vit  # noqa: F401  (registers the nets)
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.nets.mobilenet import MobileNetV2
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
 from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
+from lmc_lightning.nets.vit import ViT
 
-__all__ = ["MLP", "VGG", "PreResNet", "ResNet", "available", "get_net", "register", "resnet18", "resnet20"]
+__all__ = ["MLP", "VGG", "MobileNetV2", "PreResNet", "ResNet", "ViT", "available", "get_net", "register", "resnet18",
+           "resnet20"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lmc_lightning.weights.permutation.apply import Permutation
 from lmc_lightning.weights.permutation.batches import Data, capture_module, eval_mode, iter_batches, run_with
+from lmc_lightning.weights.permutation.heads import solve_tied
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 from lmc_lightning.weights.permutation.weight_matching import solve_assignment
 
@@ -92,7 +93,8 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                 n = unit[p]
                 if stats[p] is None:
                     stats[p] = CorrelationStats(n, device)
-                stats[p].update(as_samples(fa, n), as_samples(fb, n))
+                axis = int(p.split("@")[1]) if "@" in p else 1
+                stats[p].update(as_samples(fa.movedim(axis, 1), n), as_samples(fb.movedim(axis, 1), n))
     if any(s is None for s in stats.values()):
         raise ValueError("data yielded no batches.")
     for s in stats.values():
@@ -118,4 +120,11 @@ def activation_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[
         Group name -> index tensor (CPU, int64).
     """
     stats = activation_stats(net, spec, theta_a, theta_b, data, batch_size, device)
-    return {g: solve_assignment(sum(s.correlation() for s in group_stats)) for g, group_stats in stats.items()}
+    corr = {g: sum(s.correlation() for s in group_stats) for g, group_stats in stats.items()}
+    perm: Permutation = {}
+    for unit in spec.units():
+        if len(unit) == 1 and unit[0] not in spec.heads:
+            perm[unit[0]] = solve_assignment(corr[unit[0]])
+        else:
+            perm.update(solve_tied({g: corr[g] for g in unit}, spec.heads))
+    return perm

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lmc_lightning.weights.permutation.spec import PermutationSpec
+from lmc_lightning.weights.permutation.spec import AxisLike, PermutationSpec
 
 Permutation = dict[str, Tensor]
 
@@ -17,6 +17,53 @@ def expand(index: Tensor, block: int) -> Tensor:
     if block == 1:
         return index
     return (index[:, None] * block + torch.arange(block, device=index.device)).reshape(-1)
+
+
+def axis_index(entries: list[tuple[str, AxisLike]], perm: Mapping[str, Tensor], length: int,
+               device: torch.device | str = "cpu") -> Tensor:
+    """Index of one tensor axis of ``length`` entries moved by ``entries`` (``(group, axis)`` pairs of that axis).
+
+    Each entry's segment is permuted by its group's permutation; entries outside every segment stay in place.
+    """
+    if len(entries) == 1 and entries[0][1].offset == 0 and entries[0][1].length is None:
+        group, ax = entries[0]
+        return expand(torch.as_tensor(perm[group]).to(device, torch.long), ax.block)
+    index = torch.arange(length, device=device)
+    for group, ax in entries:
+        moved = expand(torch.as_tensor(perm[group]).to(device, torch.long), ax.block)
+        index[ax.offset:ax.offset + len(moved)] = ax.offset + moved
+    return index
+
+
+def by_axis(spec: PermutationSpec) -> dict[tuple[str, int], list[tuple[str, AxisLike]]]:
+    """``(key, axis)`` -> the ``(group, axis)`` entries that move it (several for a concatenated input)."""
+    out: dict[tuple[str, int], list[tuple[str, AxisLike]]] = {}
+    for group, axes in spec.groups.items():
+        for ax in axes:
+            out.setdefault((ax.key, ax.axis), []).append((group, ax))
+    return out
+
+
+def random_permutation(spec: PermutationSpec, theta: Mapping[str, Tensor],
+                       generator: torch.Generator | None = None) -> Permutation:
+    """A uniformly random permutation of every group that respects the spec's head ties.
+
+    Tied groups share one random permutation of their heads; within a head, units are shuffled where allowed.
+    """
+    sizes = spec.sizes(theta)
+    out: Permutation = {}
+    for members in spec.units():
+        head = spec.heads.get(members[0])
+        if head is None:
+            out[members[0]] = torch.randperm(sizes[members[0]], generator=generator)
+            continue
+        order = torch.randperm(head.n_heads, generator=generator)
+        for group in members:
+            h = spec.heads[group]
+            d = sizes[group] // h.n_heads
+            within = [torch.randperm(d, generator=generator) if h.within else torch.arange(d) for _ in order]
+            out[group] = torch.cat([order[i] * d + within[i] for i in range(h.n_heads)])
+    return out
 
 
 def identity(spec: PermutationSpec, theta: Mapping[str, Tensor]) -> Permutation:
@@ -57,11 +104,9 @@ def apply_permutation(state_dict: Mapping[str, Tensor], spec: PermutationSpec,
     """
     check_permutation(spec, perm, state_dict)
     out = dict(state_dict)
-    for name, axes in spec.groups.items():
-        for ax in axes:
-            tensor = out[ax.key]
-            index = expand(torch.as_tensor(perm[name]).to(tensor.device, torch.long), ax.block)
-            out[ax.key] = tensor.index_select(ax.axis, index)
+    for (key, axis), entries in by_axis(spec).items():
+        tensor = out[key]
+        out[key] = tensor.index_select(axis, axis_index(entries, perm, tensor.shape[axis], tensor.device))
     return out
 
 

@@ -13,7 +13,6 @@ from torch import Tensor, fx, nn
 from lmc_lightning.weights.data import Data, materialize
 
 
-
 def iter_batches(data: Data, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(x, y)`` batches of ``batch_size`` (``y`` None when unlabelled).
 
@@ -57,6 +56,7 @@ def capture_module(net: nn.Module, points: list[str]) -> fx.GraphModule:
             by_module.setdefault(str(n.target), n)
     nodes = []
     for point in points:
+        point = point.split("@")[0]  # "name@axis": features on another axis than 1
         node = by_module.get(point) or by_name.get(point)
         if node is None:
             raise ValueError(f"Activation point '{point}' is neither a node of the traced graph nor a called module "

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmc_lightning.weights.permutation.apply import Permutation, check_permutation, expand, identity
+from lmc_lightning.weights.permutation.apply import Permutation, axis_index, by_axis, check_permutation, identity
+from lmc_lightning.weights.permutation.heads import solve_tied
 from lmc_lightning.weights.permutation.solvers import resolve_solver
 from lmc_lightning.weights.permutation.solvers import solve_assignment as _solve
-from lmc_lightning.weights.permutation.spec import Axis, PermutationSpec
+from lmc_lightning.weights.permutation.spec import AxisLike, PermutationSpec
 
 
 @dataclass
@@ -52,8 +53,10 @@ def solve_assignment(cost: Tensor, solver: str = "scipy") -> Tensor:
     return _solve(cost, solver)
 
 
-def _unfold(tensor: Tensor, ax: Axis, n: int) -> Tensor:
-    """``tensor`` with the group's axis first, as ``[n, rest]`` (each unit's block folded into its row)."""
+def _unfold(tensor: Tensor, ax: AxisLike, n: int) -> Tensor:
+    """``tensor`` with the group's axis (segment) first, as ``[n, rest]`` (each unit's block folded into its row)."""
+    if ax.offset or ax.length is not None:
+        tensor = tensor.narrow(ax.axis, ax.offset, n * ax.block)
     return tensor.movedim(ax.axis, 0).reshape(n, -1)
 
 
@@ -71,8 +74,11 @@ class _Matcher:
         by_key = spec.by_key()
         keys = [k for k in by_key if k not in spec.buffers and theta_a[k].is_floating_point()]
         self.device, self.stream = device, stream
-        self.others = {k: by_key[k] for k in keys}
-        self.entries: dict[str, list[Axis]] = {g: [] for g in spec.groups}
+        self.axes: dict[str, dict[int, list]] = {k: {} for k in keys}  # key -> axis -> (group, axis) entries
+        for (key, axis), entries in by_axis(spec).items():
+            if key in self.axes:
+                self.axes[key][axis] = entries
+        self.entries: dict[str, list[AxisLike]] = {g: [] for g in spec.groups}
         for k in keys:
             for group, ax in by_key[k]:
                 self.entries[group].append(ax)
@@ -91,9 +97,9 @@ class _Matcher:
         for ax in self.entries[group]:
             t = theta[ax.key].to(self.device, non_blocking=True)
             if perm is not None:
-                for other_group, other in self.others[ax.key]:
-                    if other.axis != ax.axis:
-                        t = t.index_select(other.axis, expand(perm[other_group], other.block))
+                for axis, entries in self.axes[ax.key].items():
+                    if axis != ax.axis:
+                        t = t.index_select(axis, axis_index(entries, perm, t.shape[axis], t.device))
             rows.append(_unfold(t.to(self.dtype), ax, self.sizes[group]))
         return torch.cat(rows, 1)
 
@@ -107,50 +113,64 @@ class _Matcher:
         total = 0.0
         for key, b in self.b.items():
             b = b.to(self.device)
-            for group, ax in self.others[key]:
-                b = b.index_select(ax.axis, expand(perm[group], ax.block))
+            for axis, entries in self.axes[key].items():
+                b = b.index_select(axis, axis_index(entries, perm, b.shape[axis], b.device))
             total += float((self.a[key].to(self.device) * b.to(self.dtype)).sum())
         return total
 
 
 class _Steps:
-    """The steps of coordinate descent: one assignment per group, run in order or concurrently where independent."""
+    """The steps of coordinate descent, one per unit (a group, or a tie of head-structured groups), run in order or
+    concurrently where independent."""
 
-    def __init__(self, matcher: _Matcher, perm: dict[str, Tensor], solver: str, lazy: bool,
+    def __init__(self, matcher: _Matcher, spec: PermutationSpec, perm: dict[str, Tensor], solver: str, lazy: bool,
                  device: torch.device) -> None:
-        self.matcher, self.perm, self.solver, self.lazy, self.device = matcher, perm, solver, lazy, device
+        self.matcher, self.spec, self.perm, self.solver, self.lazy = matcher, spec, perm, solver, lazy
+        self.device = device
         self.stale = set(matcher.entries)  # groups whose cost may differ from the one they were last solved on
         self.solves = 0
         self.lock = threading.Lock()
 
-    def step(self, group: str) -> bool:
-        """Re-solve ``group`` given the others; True if the objective improved."""
+    def neighbours(self, unit: tuple[str, ...]) -> set[str]:
+        return set().union(*(self.matcher.neighbours[g] for g in unit)) - set(unit)
+
+    def step(self, unit: tuple[str, ...]) -> bool:
+        """Re-solve ``unit`` given the others; True if the objective improved."""
         with self.lock:
-            if self.lazy and group not in self.stale:
+            if self.lazy and not self.stale & set(unit):
                 return False
-            self.stale.discard(group)
+            self.stale -= set(unit)
             self.solves += 1
-        cost = self.matcher.cost(group, self.perm)
-        cost = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
-        col = solve_assignment(cost, self.solver)
-        rows = torch.arange(len(col))
-        current = self.perm[group]
-        old = cost[rows, current.to(cost.device)].sum().item()
-        new = cost[rows, col.to(cost.device)].sum().item()
+        costs = {}
+        for group in unit:
+            cost = self.matcher.cost(group, self.perm)
+            costs[group] = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
+        if len(unit) == 1 and unit[0] not in self.spec.heads:
+            cols = {unit[0]: solve_assignment(costs[unit[0]], self.solver)}
+        else:
+            cols = solve_tied(costs, self.spec.heads, "scipy" if self.solver == "auction" else self.solver)
+        old = new = 0.0
+        changed = False
+        for group, cost in costs.items():
+            rows = torch.arange(cost.shape[0])
+            old += cost[rows, self.perm[group].to(cost.device)].sum().item()
+            new += cost[rows, cols[group].to(cost.device)].sum().item()
+            changed |= not torch.equal(cols[group], self.perm[group].cpu())
         with self.lock:
-            if not torch.equal(col, current.cpu()):
-                self.stale |= self.matcher.neighbours[group]
-            self.perm[group] = col.to(self.device)
+            if changed:
+                self.stale |= self.neighbours(unit)
+            for group in unit:
+                self.perm[group] = cols[group].to(self.device)
         return new > old + 1e-12 * abs(old)
 
-    def run_round(self, order: list[str], pool: ThreadPoolExecutor | None) -> bool:
+    def run_round(self, order: list[tuple[str, ...]], pool: ThreadPoolExecutor | None) -> bool:
         """Visit ``order``; with a pool, a step starts once the earlier steps of its neighbours are done."""
         if pool is None:
-            return any([self.step(group) for group in order])
+            return any([self.step(unit) for unit in order])
         deps = []
-        for k, group in enumerate(order):
-            near = self.matcher.neighbours[group]
-            deps.append({j for j in range(k) if order[j] in near})
+        for k, unit in enumerate(order):
+            near = self.neighbours(unit)
+            deps.append({j for j in range(k) if near & set(order[j])})
         done: set[int] = set()
         running: dict[Future, int] = {}
         improved, started = False, set()
@@ -212,14 +232,15 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         check_permutation(spec, init, theta_a)
         perm = {g: torch.as_tensor(p).long().cpu() for g, p in init.items() if g in perm}
     perm = {g: p.to(device) for g, p in perm.items()}
-    groups = [g for g in spec.groups if matcher.entries[g]]
+    units = [tuple(g for g in unit if matcher.entries[g]) for unit in spec.units()]
+    units = [u for u in units if u]
     gen = torch.Generator().manual_seed(seed)
-    state = _Steps(matcher, perm, solver, lazy, device)
+    state = _Steps(matcher, spec, perm, solver, lazy, device)
     rounds, converged = 0, False
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         while rounds < max_iter:
             rounds += 1
-            order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+            order = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
             improved = state.run_round(order, pool)
             if not improved:
                 converged = True
