@@ -2,7 +2,8 @@
 
 ``get_net("vgg16_bn", num_classes=10, width=2)`` builds a net; ``available()`` lists the names; ``register`` adds
 your own. Nets are built only from standard modules (Conv2d incl. grouped/depthwise, Linear, BatchNorm2d, GroupNorm,
-LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.scaled_dot_product_attention``, so ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
+LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.scaled_dot_product_attention``, so
+``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
 from lmc_lightning.nets import mlp, mobilenet, preresnet, resnet, vgg, vit  # noqa: F401  (registers the nets)
