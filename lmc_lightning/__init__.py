@@ -25,6 +25,8 @@ _EXPORTS = {
     "BezierSurface": "lmc_lightning.weights.curves",
     "EndpointModule": "lmc_lightning.modules",
     "InterpolationModule": "lmc_lightning.modules",
+    "MergeModule": "lmc_lightning.modules",
+    "Simplex": "lmc_lightning.weights.simplex",
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
     "SurfaceModule": "lmc_lightning.modules",

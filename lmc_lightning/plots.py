@@ -89,8 +89,38 @@ def plot_surface(result: PathResult, title: str | None = None) -> Figure:
     return fig
 
 
+def plot_simplex(result: PathResult, title: str | None = None) -> Figure:
+    """Loss and accuracy over the simplex of N endpoints: the triangle for N = 3 (corner ``i`` = endpoint ``i``),
+    else against the largest barycentric weight (1 at the endpoints, 1/N at the centre)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    lam = np.concatenate([1 - result.coords.sum(1, keepdims=True), result.coords], axis=1)
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    for ax, values, label in zip(fig.subplots(1, 2), _panels(result)[0], _panels(result)[1], strict=True):
+        if lam.shape[1] == 3:
+            xy = lam @ corners
+            art = ax.tricontourf(xy[:, 0], xy[:, 1], values, levels=20, cmap="viridis") if len(xy) >= 6 \
+                else ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis")
+            ax.scatter(xy[:, 0], xy[:, 1], c="k", s=4)
+            for i, (x, y) in enumerate(corners):
+                ax.annotate(f"endpoint {i}", (x, y), ha="center", va="top" if y == 0 else "bottom", fontsize=8)
+            ax.set_aspect("equal")
+            ax.axis("off")
+            fig.colorbar(art, ax=ax, label=label)
+        else:
+            ax.scatter(lam.max(1), values, s=12)
+            ax.set_xlabel("largest barycentric weight")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        ax.set_title(label)
+    fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
+    return fig
+
+
 def plot_result(result: PathResult, title: str | None = None) -> Figure:
-    """:func:`plot_curve` for curves, :func:`plot_surface` for surfaces."""
+    """:func:`plot_simplex` for simplices, :func:`plot_curve` for curves, :func:`plot_surface` for surfaces."""
+    if getattr(result, "meta", {}).get("kind") == "simplex" and result.dim >= 2:
+        return plot_simplex(result, title)
     return plot_curve(result, title) if result.dim == 1 else plot_surface(result, title)
 
 

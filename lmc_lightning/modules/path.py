@@ -96,7 +96,7 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], t
 def point_label(coord: Sequence[float]) -> str:
     """Metric suffix of a grid point: ``t=0.50`` on a curve, ``u=0.25_v=0.75`` on a surface."""
     values = [float(c) for c in coord]
-    names = ["t"] if len(values) == 1 else ["u", "v", "w"][: len(values)]
+    names = ["t"] if len(values) == 1 else ["u", "v"] if len(values) == 2 else [f"l{i + 1}" for i in range(len(values))]
     return "_".join(f"{name}={value:.2f}" for name, value in zip(names, values, strict=True))
 
 

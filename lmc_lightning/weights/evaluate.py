@@ -85,6 +85,8 @@ def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
         return c
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}.")
+    if hasattr(path, "grid"):  # a simplex: its lattice with num_points per edge
+        return path.grid(max(num_points, 2))
     lin = torch.linspace(0, 1, num_points, dtype=torch.float64)
     if path.dim == 1:
         return lin[:, None]
@@ -311,7 +313,9 @@ def evaluate_path(
             once (a ``MemoryError`` naming the sizes when it does not fit).
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
-        coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
+        coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves), ``[P, 2]`` (surfaces) or ``[P, N - 1]``
+            (a :class:`~lmc_lightning.weights.simplex.Simplex` of N endpoints; default: its lattice with
+            ``num_points`` points per edge).
         bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"repair"`` or ``"rescale"``
             (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
         train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
@@ -432,6 +436,8 @@ def evaluate_path(
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
     }
+    if getattr(path, "kind", None) == "simplex":
+        meta["kind"] = "simplex"  # barriers relative to the endpoints' plane
     result = PathResult(pts.numpy(), loss, acc, meta)
     result.warn_nonfinite()
     return result

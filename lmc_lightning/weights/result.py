@@ -17,6 +17,7 @@ import numpy as np
 from lmc_lightning.io import atomic_write_text
 from lmc_lightning.metrics.functional import barrier
 from lmc_lightning.plots import plot_result, save_figure
+from lmc_lightning.weights.simplex import simplex_barrier
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,15 +64,22 @@ class PathResult:
         self.loss = np.asarray(self.loss, dtype=np.float64).reshape(-1)
         self.accuracy = np.asarray(self.accuracy, dtype=np.float64).reshape(-1)
         p = self.coords.shape[0]
-        if self.coords.ndim != 2 or self.coords.shape[1] not in (1, 2):
-            raise ValueError(f"coords must be [P, 1] or [P, 2], got shape {self.coords.shape}.")
+        if self.coords.ndim != 2 or (self.coords.shape[1] not in (1, 2) and not self.simplex):
+            raise ValueError(f"coords must be [P, 1] or [P, 2] (or [P, N - 1] with meta kind 'simplex'), got shape "
+                             f"{self.coords.shape}.")
         if len(self.loss) != p or len(self.accuracy) != p:
             raise ValueError(f"Got {p} coordinates but {len(self.loss)} losses and {len(self.accuracy)} accuracies.")
 
     @property
     def dim(self) -> int:
-        """1 for a curve, 2 for a surface."""
+        """1 for a curve, 2 for a surface, N - 1 for the simplex of N endpoints."""
         return self.coords.shape[1]
+
+    @property
+    def simplex(self) -> bool:
+        """Whether the points lie on a simplex of endpoints (``meta["kind"] == "simplex"``): barycentric
+        coordinates, barriers relative to the endpoints' plane."""
+        return self.meta.get("kind") == "simplex"
 
     @property
     def ts(self) -> np.ndarray:
@@ -86,7 +94,12 @@ class PathResult:
         return ~(np.isfinite(self.loss) & np.isfinite(self.accuracy))
 
     def _barrier(self, values: np.ndarray, **kwargs: Any) -> float:
-        return math.nan if self.nonfinite.any() else float(barrier(values, self.coords, **kwargs))
+        if self.nonfinite.any():
+            return math.nan
+        if self.simplex:
+            return simplex_barrier(values, self.coords, kwargs.get("higher_is_better", False),
+                                   "mean" if kwargs.get("reference") == "mean" else "plane")
+        return float(barrier(values, self.coords, **kwargs))
 
     @property
     def loss_barrier(self) -> float:
@@ -166,7 +179,9 @@ class PathResult:
         """Write one row per point (``t`` or ``u, v``, then loss and accuracy), atomically."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow([*(["t"] if self.dim == 1 else ["u", "v"]), "loss", "accuracy"])
+        names = ([f"lambda_{i + 1}" for i in range(self.dim)] if self.simplex else ["t"] if self.dim == 1
+                 else ["u", "v"])
+        writer.writerow([*names, "loss", "accuracy"])
         for c, lo, acc in zip(self.coords, self.loss, self.accuracy, strict=True):
             writer.writerow([*(repr(float(x)) for x in c), repr(float(lo)), repr(float(acc))])
         return atomic_write_text(path, buf.getvalue())
