@@ -232,10 +232,23 @@ def layer_chain(net: nn.Module) -> list[Layer]:
             if (isinstance(nxt, nn.Conv2d) and fan_in != out) or fan_in % out:
                 raise ValueError(f"'{layers[i + 1][0]}' takes {fan_in} inputs, which are not the {out} units of "
                                  f"'{name}' (or whole groups of them): the net is not a plain chain.")
-        pad = mod.padding[0] if conv and isinstance(mod.padding, tuple) else 0
-        chain.append(Layer(name, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, conv, out,
-                           mod.kernel_size[0] if conv else 1, pad))
+        chain.append(single_layer(net, name))
     return chain
+
+
+def single_layer(net: nn.Module, name: str) -> Layer:
+    """The :class:`Layer` of one Linear or Conv2d module of ``net`` by module name."""
+    try:
+        mod = net.get_submodule(name)
+    except AttributeError as err:
+        names = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise ValueError(f"{type(net).__name__} has no module '{name}'; its Linear/Conv2d layers are {names}.") from err
+    if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"'{name}' is a {type(mod).__name__}; weight adjustment needs a Linear or Conv2d layer.")
+    conv = isinstance(mod, nn.Conv2d)
+    pad = mod.padding[0] if conv and isinstance(mod.padding, tuple) else 0
+    return Layer(name, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, conv,
+                 mod.out_channels if conv else mod.out_features, mod.kernel_size[0] if conv else 1, pad)
 
 
 def out_samples(w: Tensor) -> Tensor:
