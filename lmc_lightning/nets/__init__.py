@@ -13,4 +13,5 @@ from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 
-__all__ = ["MLP", "VGG", "GaripovVGG", "PreResNet", "ResNet", "available", "get_net", "register", "resnet18", "resnet20"]
+__all__ = ["MLP", "VGG", "GaripovVGG", "PreResNet", "ResNet", "available", "get_net", "register", "resnet18",
+           "resnet20"]
