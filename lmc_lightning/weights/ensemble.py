@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lmc_lightning.io import atomic_write_text
 from lmc_lightning.weights import renorm
 from lmc_lightning.weights.connect import Solver, layer_features, single_layer, weight_adjust
+from lmc_lightning.weights.data import materialize
 from lmc_lightning.weights.paths import check_compatible
 
 WeightDict = dict[str, Tensor]
@@ -111,12 +112,6 @@ def path_members(path: Any, coords: Sequence[Any] | Tensor) -> Iterator[WeightDi
         yield path(*row)
 
 
-def _xy(data: Any) -> tuple[Tensor, Tensor]:
-    from lmc_lightning.weights.evaluate import _tensors
-
-    return _tensors(data, "test", "data")
-
-
 def ensemble_outputs(
     net: nn.Module,
     members: Iterable[Mapping[str, Tensor]],
@@ -135,7 +130,8 @@ def ensemble_outputs(
     Args:
         net: The architecture (a private copy is used; ``net`` is not modified).
         members: Full state dicts of ``net`` (any iterable: a list, :func:`path_members`, a generator).
-        data: Test data: an ``(x, y)`` pair, a Dataset, or a datamodule (its ``"test"`` split).
+        data: Test data in any form :func:`~lmc_lightning.weights.data.materialize` takes (a datamodule: its
+            ``"test"`` split).
         batch_size: Samples per forward pass.
         device: Default: CUDA when available, else CPU.
         precision: ``"32"`` (fp32) or ``"bf16"`` (bf16 autocast; probabilities are averaged in float64 either way).
@@ -148,7 +144,7 @@ def ensemble_outputs(
     Returns:
         An :class:`EnsembleResult`; ``ensemble_accuracy[k]`` is the ensemble of the first ``k + 1`` members.
     """
-    from lmc_lightning.weights.evaluate import _stats_batches, _tensors
+    from lmc_lightning.weights.evaluate import _stats_batches
 
     start = time.perf_counter()
     if precision not in ("32", "bf16"):
@@ -158,15 +154,14 @@ def ensemble_outputs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    x, y = _xy(data)
-    x, y = x.to(device), y.to(device)
+    x, y = materialize(data, "test", what="data", device=device)
     work = copy.deepcopy(net).to(device).eval()
     work.requires_grad_(False)
     stats = None
     if bn == "reset":
         if train_data is None and not hasattr(data, "split_tensors"):
             raise ValueError("bn='reset' needs training data: pass train_data=(x, y) or a datamodule as data.")
-        sx = _tensors(train_data if train_data is not None else data, "train", "train_data")[0]
+        sx = materialize(train_data if train_data is not None else data, "train", what="train_data", labels=False)[0]
         stats = [b.to(device) for b in _stats_batches(sx, bn_batches, bn_batch_size)]
     state = dict(work.state_dict())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
