@@ -26,6 +26,7 @@ _EXPORTS = {
     "ensemble_outputs": "lmc_lightning.weights.ensemble",
     "wa_ensemble": "lmc_lightning.weights.ensemble",
     "EndpointModule": "lmc_lightning.modules",
+    "EnsembleModule": "lmc_lightning.modules",
     "InterpolationModule": "lmc_lightning.modules",
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
