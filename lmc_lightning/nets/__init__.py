@@ -6,14 +6,15 @@ LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.s
 ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
-from lmc_lightning.nets import mlp, mobilenet, preresnet, resnet, vgg, vit  # noqa: F401  (registers the nets)
+from lmc_lightning.nets import mlp, mobilenet, preresnet, resnet, vgg, vgg_garipov, vit  # noqa: F401  (registers)
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.mobilenet import MobileNetV2
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
 from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
+from lmc_lightning.nets.vgg_garipov import GaripovVGG
 from lmc_lightning.nets.vit import ViT
 
-__all__ = ["MLP", "VGG", "MobileNetV2", "PreResNet", "ResNet", "ViT", "available", "get_net", "register", "resnet18",
-           "resnet20"]
+__all__ = ["MLP", "VGG", "GaripovVGG", "MobileNetV2", "PreResNet", "ResNet", "ViT", "available", "get_net",
+           "register", "resnet18", "resnet20"]

@@ -37,7 +37,8 @@ def test_corners_are_the_endpoints_and_two_endpoints_are_the_line() -> None:
     assert all(torch.allclose(line(0.3)[k], two(0.3)[k]) for k in thetas[0])
     w = [0.1, 0.2, 0.3, 0.4]
     merged = average(thetas, w)
-    assert torch.allclose(merged["classifier.weight"], sum(wi * t["classifier.weight"] for wi, t in zip(w, thetas)))
+    assert torch.allclose(merged["classifier.weight"],
+                          sum(wi * t["classifier.weight"] for wi, t in zip(w, thetas, strict=True)))
     with pytest.raises(ValueError, match="sum to 1"):
         average(thetas, [0.5, 0.5, 0.5, -0.5])
 
@@ -85,8 +86,8 @@ def test_repair_of_an_average_reaches_the_weighted_endpoint_statistics() -> None
     stats = [site_statistics(three[0], [x], t, sites=sites) for t in thetas]
     got = site_statistics(three[0], [x], repaired, sites=sites)
     name = sites[0].name
-    goal_mean = sum(wi * s[name][0] for wi, s in zip(w, stats))
-    goal_std = sum(wi * s[name][1] for wi, s in zip(w, stats))
+    goal_mean = sum(wi * s[name][0] for wi, s in zip(w, stats, strict=True))
+    goal_std = sum(wi * s[name][1] for wi, s in zip(w, stats, strict=True))
     assert torch.allclose(got[name][0], goal_mean, atol=1e-4) and torch.allclose(got[name][1], goal_std, atol=1e-3)
     before = site_statistics(three[0], [x], merged, sites=sites)
     assert (before[name][1] - goal_std).abs().mean() > 10 * (got[name][1] - goal_std).abs().mean()
