@@ -112,7 +112,7 @@ def plot_simplex(result: PathResult, title: str | None = None) -> Figure:
             ax.set_xlabel("largest barycentric weight")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        ax.set_title(label)
+        ax.set_title(label, pad=16)
     fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
     return fig
 

@@ -9,18 +9,24 @@ Example:
 
 from lmc_lightning.weights.permutation.activation_matching import activation_matching
 from lmc_lightning.weights.permutation.align import METHODS, align, align_weights
-from lmc_lightning.weights.permutation.apply import Permutation, apply_permutation, identity, invert
+from lmc_lightning.weights.permutation.apply import (
+    Permutation,
+    apply_permutation,
+    identity,
+    invert,
+    random_permutation,
+)
 from lmc_lightning.weights.permutation.check import EquivalenceError, check_equivalence, probe_input
 from lmc_lightning.weights.permutation.many import ORDERS, ManyAlignment, align_many, align_many_weights
 from lmc_lightning.weights.permutation.solvers import SOLVERS
-from lmc_lightning.weights.permutation.spec import Axis, PermutationSpec
+from lmc_lightning.weights.permutation.spec import Axis, Heads, PermutationSpec, Segment
 from lmc_lightning.weights.permutation.ste import ste_matching
 from lmc_lightning.weights.permutation.trace import SpecDerivationError, derive_spec
 from lmc_lightning.weights.permutation.weight_matching import MatchResult, weight_matching
 
 __all__ = [
-    "METHODS", "ORDERS", "SOLVERS", "Axis", "EquivalenceError", "ManyAlignment", "MatchResult", "Permutation",
-    "PermutationSpec", "SpecDerivationError", "activation_matching", "align", "align_many", "align_many_weights",
-    "align_weights", "apply_permutation", "check_equivalence", "derive_spec", "identity", "invert", "probe_input",
-    "ste_matching", "weight_matching",
+    "METHODS", "ORDERS", "SOLVERS", "Axis", "EquivalenceError", "Heads", "ManyAlignment", "MatchResult",
+    "Permutation", "PermutationSpec", "Segment", "SpecDerivationError", "activation_matching", "align", "align_many",
+    "align_many_weights", "align_weights", "apply_permutation", "check_equivalence", "derive_spec", "identity",
+    "invert", "probe_input", "random_permutation", "ste_matching", "weight_matching",
 ]
