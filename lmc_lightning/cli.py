@@ -15,8 +15,11 @@ import lmc_lightning.callbacks  # noqa: F401
 import lmc_lightning.modules  # noqa: F401
 from lmc_lightning.data import BaseDataModule
 from lmc_lightning.modules.base import LMCModule
+from lmc_lightning.nets import available
 
-DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+DEFAULT_ROOT_DIR = "runs"
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_ROOT_DIR}}
+LIGHTNING_RUN_NAME = "lightning_logs"
 
 
 def _check_logger(logger: Any) -> None:
@@ -29,8 +32,32 @@ def _check_logger(logger: Any) -> None:
                              "pip install 'lmc_lightning[wandb]' (or choose CSVLogger/TensorBoardLogger).")
 
 
+def place_logs(config: Any) -> None:
+    """Put the logger's folder where the trainer's outputs go, and name runs after the module.
+
+    A logger whose ``save_dir`` was left at the default follows ``trainer.default_root_dir``; a run ``name`` left at
+    Lightning's ``lightning_logs`` becomes the module's class name. So ``lmc fit --config ... --trainer.default_root_dir
+    out`` writes ``out/EndpointModule/version_N/`` (metrics, ``config.yaml``, ``checkpoints/``), and result files of
+    path modules land in the same folder.
+    """
+    trainer = config.get("trainer") or {}
+    root = trainer.get("default_root_dir") or DEFAULT_ROOT_DIR
+    model = config.get("model")
+    module = str(model.get("class_path", "")).rsplit(".", 1)[-1] if hasattr(model, "get") else ""
+    logger = trainer.get("logger")
+    for item in logger if isinstance(logger, list) else [logger]:
+        init = item.get("init_args") if hasattr(item, "get") else None
+        if init is None:
+            continue
+        if init.get("save_dir") == DEFAULT_ROOT_DIR:
+            init["save_dir"] = root
+        if init.get("name") == LIGHTNING_RUN_NAME and module:
+            init["name"] = module
+
+
 class LMCLightningCLI(LightningCLI):
-    """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model."""
+    """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model, outputs placed by
+    :func:`place_logs`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data properties to model arguments."""
@@ -44,6 +71,34 @@ class LMCLightningCLI(LightningCLI):
         logger = trainer.get("logger")
         if logger not in (None, True, False):
             _check_logger(logger)
+            place_logs(config)
+
+
+NETS_NOTE = " Registered nets: "
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+def document_nets() -> None:
+    """Append the registered net names to the ``net`` argument of every module's docstring, which is what
+    ``lmc fit --model.help EndpointModule`` prints (refreshed on every call, so nets registered later appear)."""
+    names = ", ".join(available())
+    for cls in _subclasses(LMCModule):
+        doc = cls.__dict__.get("__doc__") or ""
+        lines = doc.split("\n")
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("net: ")), None)
+        if start is None:
+            continue
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        end = start
+        while end + 1 < len(lines) and len(lines[end + 1]) - len(lines[end + 1].lstrip()) > indent:
+            end += 1
+        if NETS_NOTE in lines[end]:
+            lines[end] = lines[end].split(NETS_NOTE)[0]
+        lines[end] += f"{NETS_NOTE}{names}."
+        cls.__doc__ = "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
@@ -52,13 +107,14 @@ def main(args: list[str] | None = None) -> LightningCLI:
     ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks). Errors propagate as exceptions; the ``lmc``
     console script is :func:`run`, which turns them into a message and an exit code.
     """
+    document_nets()
     return LMCLightningCLI(
         LMCModule,
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
-        trainer_defaults={"logger": DEFAULT_LOGGER},
+        trainer_defaults={"logger": DEFAULT_LOGGER, "default_root_dir": DEFAULT_ROOT_DIR},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,7 +26,11 @@ from lmc_lightning.weights.paths import Path, check_compatible
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
-BNMode = Literal["reset", "repair", "rescale"]
+BN_MODES: tuple[str, ...] = ("reset", "repair", "rescale")
+"""Statistics modes of :func:`~lmc_lightning.weights.evaluate.evaluate_path`; ``bn`` also takes ``"auto"`` (reset
+where there is BatchNorm, nothing elsewhere) and None. A plain string checked against this set, so new modes only need
+adding here and in the evaluator."""
+BNMode = str
 CKPT_KEY = "lmc_path"
 PRECISIONS = ("auto", "32", "bf16")
 STRATEGIES = ("auto", "loop", "vmap")
@@ -38,8 +42,8 @@ def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: 
     """Raise a ValueError naming the first invalid path-evaluation setting."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
-    if bn is not None and bn not in ("reset", "repair", "rescale"):
-        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if bn is not None and bn not in ("auto", *BN_MODES):
+        raise ValueError(f"bn must be None, 'auto' or one of {BN_MODES}, got {bn!r}.")
     if bn_batches < 1 or bn_batch_size < 1 or (evaluation_batch_size is not None and evaluation_batch_size < 1):
         raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
                          f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
@@ -129,8 +133,9 @@ class PathModule(LMCModule):
     Args:
         endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
         num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
-        bn: Recompute BatchNorm statistics at every point: ``"reset"`` (on training data), ``"repair"`` or
-            ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
+        bn: Recompute BatchNorm statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else
+            ``None``), ``"reset"`` (on training data), ``"repair"`` or ``"rescale"`` (see :data:`BN_MODES`);
+            ``None`` keeps the path's interpolated running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -156,7 +161,7 @@ class PathModule(LMCModule):
         self,
         endpoints: list[str] | None = None,
         num_points: int = 21,
-        bn: BNMode | None = None,
+        bn: BNMode | None = "auto",
         bn_batches: int = 20,
         bn_batch_size: int = 500,
         evaluation_batch_size: int | None = None,
