@@ -366,8 +366,8 @@ class PathModule(LMCModule):
             b = result.barriers()
             summary = ("no barrier (non-finite loss at some points, see the warning)" if b["loss_barrier"] is None
                        else f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {b['accuracy_barrier']:.4f}")
-            rank_zero_info(f"{type(self).__name__}: {summary}; wrote "
-                           f"{', '.join(map(str, self.result_files.values()))}")
+            names = ", ".join(p.name for p in self.result_files.values())
+            rank_zero_info(f"{type(self).__name__}: {summary}; wrote {names} to {FilePath(folder).resolve()}")
 
     def log_result(self, result: PathResult) -> None:
         """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""
