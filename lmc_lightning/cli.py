@@ -8,6 +8,8 @@ import sys
 import traceback
 from typing import Any
 
+import torch
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
@@ -55,6 +57,28 @@ def place_logs(config: Any) -> None:
             init["name"] = module
 
 
+def check_ckpt_path(ckpt_path: str | os.PathLike | None, model_class_path: str | None) -> None:
+    """Fail early and clearly on a ``--ckpt_path`` that does not exist or was written by another module.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Its hyperparameters name another module class than the one selected with ``--model``.
+    """
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        return
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: pass the path of a checkpoint written by "
+                                "`lmc fit` (e.g. <run folder>/checkpoints/last.ckpt).")
+    if not model_class_path:
+        return
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    writer = hparams.get("_class_path")
+    if writer and writer.rsplit(".", 1)[-1] != str(model_class_path).rsplit(".", 1)[-1]:
+        raise ValueError(f"--ckpt_path {ckpt_path} was written by {writer.rsplit('.', 1)[-1]}, but the config selects "
+                         f"{str(model_class_path).rsplit('.', 1)[-1]}: pass a checkpoint of that module, or drop "
+                         "--config/--model to run the checkpoint's own module.")
+
+
 class LMCLightningCLI(LightningCLI):
     """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model, outputs placed by
     :func:`place_logs`."""
@@ -63,6 +87,31 @@ class LMCLightningCLI(LightningCLI):
         """Link data properties to model arguments."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (:func:`check_ckpt_path`) before Lightning reads its hyperparameters."""
+        if self.config.get("subcommand"):
+            config = self.config[self.config.subcommand]
+            model = config.get("model")
+            check_ckpt_path(config.get("ckpt_path"), model.get("class_path") if hasattr(model, "get") else None)
+        super()._parse_ckpt_path()
+
+    def _expect_checkpoint(self) -> None:
+        """A path module restored from ``--ckpt_path`` takes its endpoints from the checkpoint, not from files."""
+        if self.config_init[self.subcommand].get("ckpt_path") and hasattr(self.model, "restore_pending"):
+            self.model.restore_pending = True
+
+    def before_fit(self) -> None:
+        self._expect_checkpoint()
+
+    def before_validate(self) -> None:
+        self._expect_checkpoint()
+
+    def before_test(self) -> None:
+        self._expect_checkpoint()
+
+    def before_predict(self) -> None:
+        self._expect_checkpoint()
 
     def before_instantiate_classes(self) -> None:
         """Validate the logger choice before anything heavy is built."""

@@ -91,8 +91,16 @@ def test_readme_table_has_the_rows_we_run(rows) -> None:
             "Fit a Bezier curve", "List architectures"} <= set(rows)
 
 
-def test_cli_rows_exit_zero_and_write_where_the_readme_says(trained, rows, workspace: Path, fake_fmnist_root: Path,
-                                                              capsys, caplog) -> None:
+@pytest.fixture(scope="module")
+def curve_ckpt(trained, rows, workspace: Path, fake_fmnist_root: Path) -> Path:
+    """The "Fit a Bezier curve" row (between the two trained modes); returns its last.ckpt."""
+    assert run(tiny(rows["Fit a Bezier curve"][1], fake_fmnist_root)) == 0
+    (ckpt,) = (workspace / "runs/curve").rglob("last.ckpt")
+    return ckpt
+
+
+def test_cli_rows_exit_zero_and_write_where_the_readme_says(trained, curve_ckpt, rows, workspace: Path,
+                                                              fake_fmnist_root: Path, capsys, caplog) -> None:
     import lmc_lightning
 
     assert run(tiny(rows["Test it"][1], fake_fmnist_root)) == 0
@@ -114,13 +122,32 @@ def test_cli_rows_exit_zero_and_write_where_the_readme_says(trained, rows, works
     assert run(tiny(rows["Align, then interpolate"][1], fake_fmnist_root)) == 0
     aligned = sorted((workspace / "runs/interpolation").rglob("path.json"))[-1]
     assert json.loads(aligned.read_text())["meta"]["bn"] == "repair"
-    assert run(tiny(rows["Fit a Bezier curve"][1], fake_fmnist_root)) == 0
-    assert list((workspace / "runs/curve").rglob("last.ckpt"))
+    assert curve_ckpt.is_file()
     with pytest.raises(SystemExit) as exit_info:
         main(tiny(rows["List architectures"][1], fake_fmnist_root))
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert all(name in help_text for name in lmc_lightning.nets.available())  # --model.net lists the nets
+
+
+def test_curve_checkpoint_is_self_contained_and_checked(curve_ckpt: Path, workspace: Path, fake_fmnist_root: Path,
+                                                        tmp_path: Path, capsys, monkeypatch) -> None:
+    """`lmc test --ckpt_path` from another folder needs no endpoint files; wrong or mistyped paths are one-line errors."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the endpoints' relative paths (runs/EndpointModule/...) do not resolve here
+    base = ["test", "--config", str(ROOT / "configs/curve/fmnist_mlp.yaml"), "--model.num_points", "3",
+            "--data.root", str(fake_fmnist_root), *COMMON]
+    assert run([*base, "--ckpt_path", str(curve_ckpt)]) == 0
+    (result,) = elsewhere.rglob("path.json")
+    assert len(json.loads(result.read_text())["loss"]) == 3
+    capsys.readouterr()
+    assert run([*base, "--ckpt_path", str(curve_ckpt.with_name("lst.ckpt"))]) == 1
+    assert f"lmc: error: FileNotFoundError: --ckpt_path {curve_ckpt.with_name('lst.ckpt')} does not exist" in (
+        capsys.readouterr().err)
+    endpoint = workspace / "runs/EndpointModule/seed0/checkpoints/last.ckpt"
+    assert run([*base, "--ckpt_path", str(endpoint)]) == 1
+    assert "was written by EndpointModule, but the config selects CurveModule" in capsys.readouterr().err
 
 
 def test_python_rows(trained, rows, fake_fmnist_root: Path) -> None:

@@ -206,6 +206,9 @@ class PathModule(LMCModule):
         self.result: PathResult | None = None
         self.result_files: dict[str, FilePath] = {}
         object.__setattr__(self, "_template", None)  # not a submodule: kept out of state_dict and parameters()
+        self.restore_pending = False
+        """Set (by the CLI) when a checkpoint given as ``ckpt_path`` will restore the path: ``setup`` then reads no
+        endpoint files, so a checkpoint is evaluated or resumed without them, from any folder."""
 
     # Template hooks -------------------------------------------------------------------------------------------------
 
@@ -308,19 +311,22 @@ class PathModule(LMCModule):
         if self.path is not None:
             return
         trainer = self._trainer
-        if trainer is not None and trainer.ckpt_path:
-            return  # on_load_checkpoint rebuilds the path from the checkpoint
+        if self.restore_pending or (trainer is not None and trainer.ckpt_path):
+            return  # on_load_checkpoint rebuilds the path from the checkpoint, which holds the endpoints
         thetas = self.prepare_endpoints(self.load_endpoints())
         self.path = self.build_path(thetas)
         rank_zero_info(f"{type(self).__name__}: {type(self.path).__name__} path between "
                        f"{len(self.endpoints)} endpoints of '{self.net_spec['name']}'.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what rebuilding the path needs: the architecture and the number of endpoints (plain types)."""
+        """Store what rebuilding the path needs: the architecture and the number of endpoints (plain types); the
+        endpoints themselves are tensors of the path, in the state dict."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CKPT_KEY] = {"net_spec": dict(self.net_spec or {}), "num_endpoints": self.path.num_fixed}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the template and an empty path of the right structure; Lightning then loads its tensors."""
+        super().on_load_checkpoint(checkpoint)
         info = checkpoint.get(CKPT_KEY)
         if info is None:
             raise ValueError(f"This checkpoint was not written by a {type(self).__name__} (no '{CKPT_KEY}' entry).")
