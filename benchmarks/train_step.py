@@ -249,6 +249,15 @@ def settings(args: argparse.Namespace, key: str) -> list[tuple[str, str, bool]]:
     return out
 
 
+def measure(variant: str, key: str, args: argparse.Namespace, device: torch.device, precision: str,
+            channels_last: bool) -> float:
+    """Seconds per step of one variant of the ratio table."""
+    if variant == "hand":
+        return hand_seconds(key, args, device, precision, channels_last)
+    cls = {"module": EndpointModule, "cli": EndpointModule, "manual": ManualStep, "before": Before}[variant]
+    return fit_seconds(endpoint(key, channels_last, cls), args, device, precision, cli_defaults=variant == "cli")[0]
+
+
 def ratio_table(args: argparse.Namespace, device: torch.device) -> dict[tuple[str, str], float]:
     print("\n## Per-step time: EndpointModule (Lightning fit) vs a hand-written loop, same device-resident data")
     print("| net | setting | hand ms | module ms | module / hand | module, CLI defaults / hand | manual opt. / hand "
@@ -258,17 +267,10 @@ def ratio_table(args: argparse.Namespace, device: torch.device) -> dict[tuple[st
     for key in args.nets:
         for label, precision, cl in settings(args, key):
             best: dict[str, float] = {}
-            fns: dict[str, Callable[[], float]] = {
-                "hand": lambda: hand_seconds(key, args, device, precision, cl),
-                "module": lambda: fit_seconds(endpoint(key, cl), args, device, precision)[0],
-            }
-            if label == "fp32":
-                fns["cli"] = lambda: fit_seconds(endpoint(key, cl), args, device, precision, cli_defaults=True)[0]
-                fns["manual"] = lambda: fit_seconds(endpoint(key, cl, ManualStep), args, device, precision)[0]
-                fns["before"] = lambda: fit_seconds(endpoint(key, cl, Before), args, device, precision)[0]
+            variants = ["hand", "module"] + (["cli", "manual", "before"] if label == "fp32" else [])
             for _ in range(args.repeats):
-                for name, fn in fns.items():
-                    best[name] = min(best.get(name, float("inf")), fn())
+                for name in variants:
+                    best[name] = min(best.get(name, float("inf")), measure(name, key, args, device, precision, cl))
             hand = best["hand"]
             ratio = {k: f"{best[k] / hand:.2f}x" if k in best else "-" for k in ("cli", "manual", "before")}
             print(f"| {LABELS[key]} | {label} | {hand * 1e3:.2f} | {best['module'] * 1e3:.2f} | "
@@ -336,24 +338,32 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     if "num_models" not in inspect.signature(EndpointModule).parameters:
         print("\n(zoo: EndpointModule has no num_models here; skipped)")
         return
-    print("\n## Zoo: K models in one run vs K sequential runs (Lightning fit, ms per step of all K models)")
-    print("| net | K | setting | zoo ms/step | K sequential ms | speed-up | peak GPU MiB |")
+    print("\n## Zoo: K models in one Lightning run vs K sequential runs (ms per step of all K models; sequential = "
+          "K x the single run's step, measured in the same run)")
+    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | peak GPU MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    precisions = [("fp32", "32-true")] + ([("bf16-mixed", "bf16-mixed")] if "bf16" in args.precisions else [])
     for key in args.zoo_nets:
-        for label, precision, cl in settings(args, key)[:1] + settings(args, key)[-1:] if device.type == "cuda" \
-                else settings(args, key)[:1]:
-            single = fit_seconds(endpoint(key, cl), args, device, precision)[0]
+        for label, precision in precisions:
+            if time.perf_counter() > args.deadline:
+                print(f"| {LABELS[key]} | {label} | (skipped: time budget) | | | | |")
+                continue
+            single = fit_seconds(endpoint(key), args, device, precision)[0]
             for k in args.zoo:
+                if time.perf_counter() > args.deadline:
+                    print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) | | | | |")
+                    break
                 if device.type == "cuda":
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    sec = fit_seconds(endpoint(key, cl, num_models=k), args, device, precision)[0]
+                    sec = fit_seconds(endpoint(key, num_models=k), args, device, precision)[0]
                 except torch.OutOfMemoryError:
-                    print(f"| {LABELS[key]} | {k} | {label} | out of memory | | | |")
+                    print(f"| {LABELS[key]} | {label} | {k} | out of memory | | | |")
                     break
-                mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-                print(f"| {LABELS[key]} | {k} | {label} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
-                      f"{k * single / sec:.2f}x | {mem:.0f} |", flush=True)
+                mem = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
+                print(f"| {LABELS[key]} | {label} | {k} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
+                      f"{k * single / sec:.2f}x | {mem} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", type=int, nargs="*", default=[], help="zoo sizes K to time, e.g. 1 4 16 64")
     parser.add_argument("--zoo-nets", nargs="+", default=["mlp", "resnet20"], choices=list(NETS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds after which the zoo section skips its remaining rows")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.subset // args.batch_size} steps per epoch, second epoch timed, best of {args.repeats}; "
           f"data: {'random' if args.synthetic else 'Fashion-MNIST'}, device-resident")
     start = time.perf_counter()
+    args.deadline = start + args.budget
     ratio_table(args, device)
     if not args.no_profile:
         profile_breakdown(args, device)
