@@ -17,6 +17,7 @@ _EXPORTS = {
     "evaluate_path": "lmc_lightning.weights.evaluate",
     "PathResult": "lmc_lightning.weights.result",
     "align": "lmc_lightning.weights.permutation",
+    "align_many": "lmc_lightning.weights.permutation",
     "Linear": "lmc_lightning.weights.paths",
     "Arc": "lmc_lightning.weights.paths",
     "Bezier": "lmc_lightning.weights.curves",
