@@ -366,6 +366,34 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
                       f"{k * single / sec:.2f}x | {mem} |", flush=True)
 
 
+def accuracy_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Test accuracy after ``--accuracy-epochs`` full Fashion-MNIST epochs: fp32 vs bf16-mixed + channels_last."""
+    print(f"\n## Results under the fast settings: test accuracy after {args.accuracy_epochs} epochs on all 60k "
+          "training images (seeds 0, 1)")
+    print("| net | seed | fp32 | bf16-mixed + channels_last | difference (pt) | fp32 s | fast s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key in args.accuracy_nets:
+        for seed in (0, 1):
+            accs, secs = [], []
+            for precision, cl in (("32-true", False), ("bf16-mixed", True)):
+                pl.seed_everything(seed, verbose=False)
+                data = FashionMNISTDataModule(root=args.root, batch_size=args.batch_size, seed=seed,
+                                              train_subset=args.subset if args.quick else None, device_resident=True)
+                name, kwargs = NETS[key]
+                model = EndpointModule(net=name, net_kwargs=kwargs, optim=OptimConfig(lr=0.05), seed=seed,
+                                       channels_last=cl)
+                trainer = pl.Trainer(max_epochs=args.accuracy_epochs, accelerator="gpu" if device.type == "cuda"
+                                     else "cpu", devices=1, precision=precision, logger=False,
+                                     enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+                start = time.perf_counter()
+                trainer.fit(model, datamodule=data)
+                secs.append(time.perf_counter() - start)
+                accs.append(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+            print(f"| {LABELS[key]} | {seed} | {accs[0]:.4f} | {accs[1]:.4f} | {100 * (accs[1] - accs[0]):+.2f} | "
+                  f"{secs[0]:.1f} | {secs[1]:.1f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -384,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", type=int, nargs="*", default=[], help="zoo sizes K to time, e.g. 1 4 16 64")
     parser.add_argument("--zoo-nets", nargs="+", default=["mlp", "resnet20"], choices=list(NETS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--accuracy-epochs", type=int, default=0,
+                        help="also train full epochs fp32 vs bf16-mixed + channels_last and compare test accuracy")
+    parser.add_argument("--accuracy-nets", nargs="+", default=["resnet20"], choices=list(NETS))
+    parser.add_argument("--skip-ratio", action="store_true", help="leave out the ratio table")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds after which the zoo section skips its remaining rows")
     args = parser.parse_args(argv)
@@ -400,11 +432,14 @@ def main(argv: list[str] | None = None) -> None:
           f"data: {'random' if args.synthetic else 'Fashion-MNIST'}, device-resident")
     start = time.perf_counter()
     args.deadline = start + args.budget
-    ratio_table(args, device)
+    if not args.skip_ratio:
+        ratio_table(args, device)
     if not args.no_profile:
         profile_breakdown(args, device)
     if args.zoo:
         zoo_table(args, device)
+    if args.accuracy_epochs:
+        accuracy_table(args, device)
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
 
 

@@ -17,12 +17,20 @@ from lmc_lightning.metrics.totals import ClassificationTotals
 from lmc_lightning.modules import EndpointModule, OptimConfig
 from lmc_lightning.nets import register
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.nets.registry import _REGISTRY
 from lmc_lightning.weights.stacked import StackedNets
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_bn_cnn_registered")
 
 
-@register("zoo_test_bn_cnn", overwrite=True)
+@pytest.fixture(scope="module")
+def tiny_bn_cnn_registered():
+    """The tiny BN net in the registry for this module's tests only (other tests iterate over all nets)."""
+    register("zoo_test_bn_cnn", overwrite=True)(tiny_bn_cnn)
+    yield
+    _REGISTRY.pop("zoo_test_bn_cnn", None)
+
+
 def tiny_bn_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> torch.nn.Module:
     """Conv-BN-ReLU, pool, Linear: the smallest net with BatchNorm and a convolution."""
     nn = torch.nn
