@@ -60,8 +60,9 @@ class EndpointModule(LMCModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser and schedule.
         label_smoothing: Label smoothing of the loss.
-        seed: Seed of the network's initialisation (independent of data order); None uses the global RNG. Zoo
-            member ``k`` uses ``seed + k``.
+        seed: Seed of the network's initialisation (independent of data order); None: the global RNG, as seeded by
+            the run's ``seed_everything`` (so ``--seed_everything N`` varies it). Zoo member ``k`` uses ``seed + k``
+            (with None, the members draw one after another from the global RNG).
         channels_last: Keep conv weights and image batches in channels-last memory layout (faster convolutions on
             GPUs with tensor cores, notably under bf16; no effect on nets without ``Conv2d``).
         num_models: Train this many networks at once (a zoo); 1: a single network.
