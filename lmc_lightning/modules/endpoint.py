@@ -143,7 +143,10 @@ class EndpointModule(LMCModule):
         """Cross-entropy step (of every zoo member on its own batch)."""
         loss = self._step(batch, "train", batch_idx)
         if self._logs_this_step():
-            self.log("train/loss_step", loss / self.num_models, on_step=True, on_epoch=False, prog_bar=True)
+            # A host copy (one sync per logging step): the progress bar reads its values on every step, which for
+            # a device tensor would make the host wait for the GPU each step.
+            self.log("train/loss_step", (loss.detach() / self.num_models).cpu(), on_step=True, on_epoch=False,
+                     prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -169,7 +172,8 @@ class EndpointModule(LMCModule):
         totals: ClassificationTotals = getattr(self, f"{stage}_totals")
         if totals.update_count == 0:
             return
-        loss, acc = (value.reshape(-1) for value in totals.compute())  # torchmetrics squeezes K = 1
+        # Host copies (one sync per epoch), so the progress bar's per-step reads do not wait for the GPU.
+        loss, acc = (value.reshape(-1).cpu() for value in totals.compute())  # torchmetrics squeezes K = 1
         totals.reset()
         loss_name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
         self.log(loss_name, loss.mean(), prog_bar=True)
