@@ -18,7 +18,7 @@ from lmc_lightning.weights.simplex import Simplex, average, renormalize_average
 
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
 SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or 20_000  # training images per model
-OUT = os.environ.get("LMC_OUT", "runs/example03")
+OUT = os.environ.get("LMC_OUT", "runs/example04")
 os.makedirs(OUT, exist_ok=True)
 
 data = FashionMNISTDataModule(root="data", train_subset=SUBSET, seed=0)
