@@ -21,12 +21,13 @@ from torch import Tensor, nn
 from lmc_lightning.checkpoint import check_state_matches, load_weights
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
-from lmc_lightning.weights.evaluate import evaluate_path
+from lmc_lightning.weights.evaluate import BN_MODES, evaluate_path
+from lmc_lightning.weights.renorm import RenormOptions
 from lmc_lightning.weights.paths import Path, check_compatible
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
-BNMode = Literal["reset", "repair", "rescale"]
+BNMode = Literal["reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered"]
 CKPT_KEY = "lmc_path"
 PRECISIONS = ("auto", "32", "bf16")
 STRATEGIES = ("auto", "loop", "vmap")
@@ -38,8 +39,8 @@ def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: 
     """Raise a ValueError naming the first invalid path-evaluation setting."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
-    if bn is not None and bn not in ("reset", "repair", "rescale"):
-        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if bn is not None and bn not in BN_MODES:
+        raise ValueError(f"bn must be None or one of {BN_MODES}, got {bn!r}.")
     if bn_batches < 1 or bn_batch_size < 1 or (evaluation_batch_size is not None and evaluation_batch_size < 1):
         raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
                          f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
@@ -111,7 +112,7 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
 
 
 EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
-                 "output_dir")
+                 "output_dir", "renorm_options")
 
 
 class PathModule(LMCModule):
@@ -148,6 +149,8 @@ class PathModule(LMCModule):
         label_smoothing: Label smoothing of the training loss (trainable paths).
     """
 
+    renorm_options: RenormOptions | None = None
+    """Site rule and variants of ``bn`` re-normalisation (set by modules that expose them)."""
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
@@ -329,7 +332,7 @@ class PathModule(LMCModule):
             self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
-            strategy=self.eval_strategy,
+            strategy=self.eval_strategy, renorm_options=self.renorm_options,
         )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

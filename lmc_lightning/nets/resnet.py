@@ -47,7 +47,13 @@ class ResNet(nn.Module):
         stage_channels: Output channels of each stage.
         blocks: Number of blocks per stage.
         norm: ``"bn"``, ``"ln"`` (GroupNorm(1, C)) or ``"none"`` (plain net; convs then carry biases).
+
+    Re-normalisation (:mod:`lmc_lightning.weights.renorm`) corrects each block's two convs before their norms by
+    default (``renorm_rule = "pre_norm"``, skipping the stem and shortcut convs), as the rethink-re-basin seed does.
     """
+
+    renorm_rule = "pre_norm"
+    renorm_skip: tuple[str, ...] = ("stem.*", "*.shortcut.*")
 
     def __init__(self, num_classes: int, in_channels: int, stem_channels: int, stage_channels: Sequence[int],
                  blocks: Sequence[int], norm: str = "bn") -> None:

@@ -34,7 +34,13 @@ class VGG(nn.Module):
         bias: Give convs and the classifier biases; False needs ``norm="none"`` (a net without any bias).
         init: ``"default"`` (PyTorch's) or ``"kaiming_normal"`` (convs ~ Kaiming normal fan-out, classifier ~
             N(0, 0.01), biases 0, norm weights 1).
+
+    Re-normalisation (:mod:`lmc_lightning.weights.renorm`) corrects every conv's output before its norm by default
+    (``renorm_rule = "pre_norm"``), as the rethink-re-basin seed does for its VGGs.
     """
+
+    renorm_rule = "pre_norm"
+    renorm_skip: tuple[str, ...] = ()
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32, depth: int = 16,
                  width: float = 1.0, norm: str = "none", bias: bool = True, init: str = "default") -> None:
