@@ -82,7 +82,8 @@ def test_prune_module_writes_accuracy_vs_sparsity(fake_fmnist_root: Path, tmp_pa
     main(["test", "--model", "PruneModule", "--model.endpoints", f"[{ckpt}]", "--model.sparsity", "[0.5,0.9]",
           "--model.renorm", "rescale", "--model.num_samples", "64", "--model.output_dir", str(out),
           "--data", "FashionMNISTDataModule", "--data.root", str(fake_fmnist_root), "--trainer.accelerator", "cpu",
-          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
     rows = list(csv.DictReader(open(out / "prune.csv")))
     assert [float(r["sparsity"]) for r in rows] == [0.5, 0.9]
     assert all(r["renorm"] == "rescale" for r in rows)

@@ -22,8 +22,8 @@ from lmc_lightning.checkpoint import check_state_matches, load_weights
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
 from lmc_lightning.weights.evaluate import BN_MODES, evaluate_path
-from lmc_lightning.weights.renorm import RenormOptions
 from lmc_lightning.weights.paths import Path, check_compatible
+from lmc_lightning.weights.renorm import RenormOptions
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
@@ -84,13 +84,15 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], t
     if world == 1:
         return result
     n = float(len(y))
-    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n)], dtype=torch.float64)
+    top5 = [float(a) for a in result.meta.get("accuracy_top5", result.accuracy)]
+    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n), [a * n for a in top5]],
+                        dtype=torch.float64)
     count = torch.tensor([n], dtype=torch.float64)
     device = trainer.strategy.root_device
     sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
     count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
     mean = (sums / count).numpy()
-    meta = {**result.meta, "world_size": world, "num_samples": int(count.item())}
+    meta = {**result.meta, "world_size": world, "num_samples": int(count.item()), "accuracy_top5": mean[2].tolist()}
     return dataclasses.replace(result, loss=mean[0], accuracy=mean[1], meta=meta)
 
 
@@ -130,8 +132,10 @@ class PathModule(LMCModule):
     Args:
         endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
         num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
-        bn: Recompute BatchNorm statistics at every point: ``"reset"`` (on training data), ``"repair"`` or
-            ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
+        bn: Statistics at every point: ``"reset"`` (BN reset on training data), ``"reset_test"``, ``"repair"``,
+            ``"rescale"`` (the rethink-re-basin seed's, no centring), ``"reshift"`` or ``"rescale_centered"``
+            (mean-preserving); ``None`` keeps the path's interpolated running statistics. See
+            :mod:`lmc_lightning.weights.renorm`.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000

@@ -23,8 +23,9 @@ class VGG(nn.Module):
     Max-pools use ``ceil_mode=True`` so that inputs whose side is not a power of two (28x28) never shrink to zero;
     on 32x32 and 64x64 inputs this is the usual 2x2 pooling. With ``head="global"`` all five max-pools are kept and
     an adaptive average pool before the classifier makes the net run on any input size. ``head="seed"`` is the
-    rethink-re-basin seed's VGG: four max-pools (the last one dropped), then ``AvgPool2d(2)`` and one linear layer
-    over the flattened map (1x1 for 28x28 and 32x32 inputs, so ``input_size`` sets the classifier's width).
+    rethink-re-basin seed's VGG: four max-pools (the last one dropped), then ``AvgPool2d(2)`` (``ceil_mode``, so that
+    inputs of 16 pixels or fewer still give a 1x1 map) and one linear layer over the flattened map (1x1 for 28x28 and
+    32x32 inputs; ``input_size`` sets the classifier's width).
 
     Args:
         num_classes: Output size.
@@ -66,9 +67,6 @@ class VGG(nn.Module):
         side = input_size
         for _ in range(config.count("M")):
             side = -(-side // 2)
-        if head == "seed" and side < 2:
-            raise ValueError(f"head='seed' needs inputs of at least 17 pixels (4 max-pools, then AvgPool2d(2)); got "
-                             f"input_size={input_size}.")
         layers: list[nn.Module] = []
         channels = in_channels
         for item in config:
@@ -79,9 +77,9 @@ class VGG(nn.Module):
             layers += [nn.Conv2d(channels, out, 3, padding=1, bias=bias), *norm2d(norm, out), nn.ReLU(inplace=False)]
             channels = out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AvgPool2d(2) if head == "seed" else nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AvgPool2d(2, ceil_mode=True) if head == "seed" else nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(channels * (side // 2) ** 2 if head == "seed" else channels, num_classes,
+        self.classifier = nn.Linear(channels * (-(-side // 2)) ** 2 if head == "seed" else channels, num_classes,
                                     bias=bias)
         init_weights(self, init)
 

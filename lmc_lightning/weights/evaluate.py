@@ -37,7 +37,8 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
 
 from lmc_lightning.weights import fused, renorm
-from lmc_lightning.weights.data import materialize, seeded_subset, to_device as _move
+from lmc_lightning.weights.data import materialize, seeded_subset
+from lmc_lightning.weights.data import to_device as _move
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
@@ -171,6 +172,12 @@ def _load(state: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
             dst.copy_(value)
 
 
+def _top5(logits: Tensor, y: Tensor) -> Tensor:
+    """Whether ``y`` is among the 5 largest logits (all classes when there are fewer), per sample."""
+    k = min(5, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(-1)
+
+
 class _Evaluator:
     """Per-point loss sums and correct counts over device-resident test batches."""
 
@@ -178,17 +185,20 @@ class _Evaluator:
         self.batches = batches
         self.loss = torch.zeros(num_points, dtype=torch.float64, device=device)
         self.correct = torch.zeros(num_points, dtype=torch.long, device=device)
+        self.correct5 = torch.zeros(num_points, dtype=torch.long, device=device)
 
     def add(self, logits: Tensor, y: Tensor, index: int | slice) -> None:
         """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice."""
         if logits.dim() == 2:
             self.loss[index] += F.cross_entropy(logits.float(), y, reduction="sum")
             self.correct[index] += (logits.argmax(-1) == y).sum()
+            self.correct5[index] += _top5(logits, y).sum()
             return
         c, b, k = logits.shape
         losses = F.cross_entropy(logits.float().reshape(c * b, k), y.repeat(c), reduction="none")
         self.loss[index] += losses.view(c, b).sum(1)
         self.correct[index] += (logits.argmax(-1) == y).sum(1)
+        self.correct5[index] += _top5(logits, y).sum(-1)
 
 
 class _Points:
@@ -476,6 +486,7 @@ def evaluate_path(
         "channels_last": channels_last, "batch_size": batch_size,
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
+        "accuracy_top5": (ev.correct5.double() / n).cpu().tolist(),
     }
     result = PathResult(pts.numpy(), loss, acc, meta)
     result.warn_nonfinite()

@@ -634,7 +634,8 @@ def mix_statistics(stats: Sequence[Stats], alpha: Sequence[float | Tensor] | Non
     names = list(stats[0])
     for i, st in enumerate(stats[1:], 1):
         if set(st) != set(names):
-            raise ValueError(f"Model {i}'s statistics cover other sites than model 0's: {sorted(set(st) ^ set(names))}.")
+            raise ValueError(f"Model {i}'s statistics cover other sites than model 0's: "
+                             f"{sorted(set(st) ^ set(names))}.")
     return {
         name: (sum(a * st[name][0] for a, st in zip(alpha, stats, strict=True)),
                sum(a * st[name][1] for a, st in zip(alpha, stats, strict=True)))
@@ -654,8 +655,9 @@ def adjust_goal(goal: Stats, average: bool = False, factor: float = 1.0) -> Stat
     return out
 
 
-def _correction(mode: str, mu: Tensor, var: Tensor, goal: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` of ``y -> scale * y + shift`` taking a channel of mean ``mu``, variance ``var`` to the goal."""
+def _correction(mode: str, mu: Tensor, var: Tensor, goal: tuple[Tensor, Tensor], eps: float
+                ) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of ``y -> scale * y + shift`` taking a channel (mean ``mu``, variance ``var``) to the goal."""
     goal_mean, goal_std = goal
     if mode == "reshift":
         return torch.ones_like(mu), goal_mean - mu

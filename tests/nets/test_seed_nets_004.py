@@ -23,8 +23,8 @@ def test_vgg_seed_head_four_pools_avgpool2_one_linear(size, channels):
     assert [n for n, m in net.named_modules() if isinstance(m, nn.Linear)] == ["classifier"]
     assert net.classifier.in_features == 64  # 512 * 0.125 channels on a 1x1 map
     assert net(torch.randn(2, channels, size, size)).shape == (2, 10)
-    with pytest.raises(ValueError, match="at least 17 pixels"):
-        get_net("vgg11_seed", num_classes=10, in_channels=1, input_size=16)
+    big = get_net("vgg11_seed", num_classes=10, in_channels=1, input_size=64, width=0.125)
+    assert big.classifier.in_features == 256  # 64 channels on a 2x2 map
 
 
 def test_channel_layer_norm_normalises_each_pixel_over_channels():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from net_factory import trained_like
+from torch import nn
 from torch.func import functional_call
 
 from lmc_lightning.nets import get_net
