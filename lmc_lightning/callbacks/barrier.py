@@ -30,7 +30,10 @@ class InterpolationBarrier(Callback):
 
     * ``"init"``: the network's own weights when fit started (restored from the checkpoint on resume);
     * ``"twin"``: the other network of a :class:`~lmc_lightning.modules.pair.PairModule` (``pl_module.net_b``);
-    * a checkpoint path: fixed weights (``reference_prefix`` names the network inside a Lightning checkpoint).
+    * a checkpoint path: fixed weights (``reference_prefix`` names the network inside a Lightning checkpoint);
+    * ``"zoo"``: between members of a zoo (``EndpointModule(num_models=K)``), on the disjoint pairs (0, 1), (2, 3),
+      ...; each pair is logged with a ``_kk_ll`` suffix (``barrier/loss_00_01``) and the unsuffixed names hold the
+      mean over pairs. With another reference, a zoo's member 0 is the trained network.
 
     Each measurement evaluates ``num_points`` points on (at most ``max_eval_samples`` samples of) the chosen split
     and logs ``barrier/loss``, ``barrier/accuracy``, ``barrier/loss_mean``, ``barrier/accuracy_mean`` and
@@ -42,7 +45,7 @@ class InterpolationBarrier(Callback):
     ``save_curves``, written to ``<log dir>/barrier_curves/<log_prefix>_step<step>_<split>.csv``.
 
     Args:
-        reference: ``"init"``, ``"twin"`` or a checkpoint file.
+        reference: ``"init"``, ``"twin"``, ``"zoo"`` or a checkpoint file.
         every_n_epochs: Measure at the end of every n-th training epoch; ``None``: not by epochs.
         every_fraction: Also measure every ``every_fraction`` of training (in optimiser steps, e.g. 0.1: ten times);
             ``None``: not by fraction. A step is measured at most once.
@@ -88,9 +91,9 @@ class InterpolationBarrier(Callback):
         save_curves: bool = True,
         curves_dir: str | None = None,
     ) -> None:
-        if reference not in ("init", "twin") and not os.path.isfile(reference):
-            raise ValueError(f"reference must be 'init', 'twin' or an existing checkpoint file; {reference!r} is "
-                             "neither (check the path).")
+        if reference not in ("init", "twin", "zoo") and not os.path.isfile(reference):
+            raise ValueError(f"reference must be 'init', 'twin', 'zoo' or an existing checkpoint file; {reference!r} "
+                             "is none of these (check the path).")
         if every_n_epochs is None and every_fraction is None and not at_start:
             raise ValueError("Nothing would be measured: set every_n_epochs, every_fraction or at_start.")
         if every_n_epochs is not None and every_n_epochs < 1:
@@ -141,6 +144,8 @@ class InterpolationBarrier(Callback):
 
     @staticmethod
     def _net(pl_module: LightningModule, name: str = "net") -> nn.Module:
+        if name == "net" and getattr(pl_module, "num_models", 1) > 1:
+            return pl_module.member(0)
         net = getattr(pl_module, name, None)
         if not isinstance(net, nn.Module):
             raise ValueError(f"InterpolationBarrier needs pl_module.{name} (a network); {type(pl_module).__name__} "
@@ -154,6 +159,10 @@ class InterpolationBarrier(Callback):
         net = self._net(pl_module)
         if self.reference == "twin":
             self._net(pl_module, "net_b")
+        elif self.reference == "zoo":
+            if getattr(pl_module, "num_models", 1) < 2:
+                raise ValueError("InterpolationBarrier(reference='zoo') needs a zoo: EndpointModule(num_models=K) "
+                                 "with K >= 2.")
         elif self.reference != "init" and self._fixed is None:
             state, _ = load_weights(self.reference, self.reference_prefix)
             check_state_matches(net, state, source=f"reference {self.reference}")
@@ -206,18 +215,13 @@ class InterpolationBarrier(Callback):
             return self.init_weights
         return self._fixed
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Evaluate the barrier on every split now and log it (all ranks must call this together)."""
-        device = pl_module.device
-        theta = {k: v.detach().clone() for k, v in self._net(pl_module).state_dict().items()}
-        ref = {k: v.detach().to(device, copy=True) for k, v in self._reference_weights(pl_module).items()}
-        ref = {k: ref[k] for k in theta}
+    def _line_metrics(self, trainer: Trainer, theta: dict[str, Tensor], ref: dict[str, Tensor],
+                      device: torch.device, suffix: str = "") -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Barrier summaries (loss, top-1, top-5) of the line ``theta -> ref`` on every split, and its curves."""
+        ref = {k: ref[k].detach().to(device, copy=True) for k in theta}
         coords = torch.linspace(0, 1, self.num_points, dtype=torch.float64)[:, None]
-        step = trainer.global_step
         metrics: dict[str, float] = {}
-        folder = None
-        if self.save_curves:  # trainer.log_dir broadcasts under DDP: every rank asks
-            folder = self.curves_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "barrier_curves")
+        curves = []
         for split, data in self._data.items():
             result = evaluate_on_ranks(
                 Linear(theta, ref), self._template, data, trainer, coords=coords, bn=self.bn,
@@ -226,17 +230,47 @@ class InterpolationBarrier(Callback):
                 strategy=self.strategy,
             )
             prefix = self.log_prefix if len(self._data) == 1 else f"{self.log_prefix}/{split}"
-            metrics.update(summary_metrics(result, prefix))
+            part = summary_metrics(result, prefix)
             top5 = result.meta["accuracy_top5"]
-            metrics[f"{prefix}/top5_accuracy"] = float(barrier(top5, result.coords, higher_is_better=True))
-            metrics[f"{prefix}/top5_accuracy_mean"] = float(barrier(top5, result.coords, higher_is_better=True,
-                                                                    reference="mean"))
-            curve = {"step": step, "epoch": trainer.current_epoch, "split": split,
-                     "t": result.coords[:, 0].tolist(), "loss": [float(v) for v in result.loss],
-                     "accuracy": [float(v) for v in result.accuracy], "accuracy_top5": list(top5)}
-            self.curves.append(curve)
-            if folder is not None and trainer.is_global_zero:
-                self._write_curve(folder, curve)
+            part[f"{prefix}/top5_accuracy"] = float(barrier(top5, result.coords, higher_is_better=True))
+            part[f"{prefix}/top5_accuracy_mean"] = float(barrier(top5, result.coords, higher_is_better=True,
+                                                                 reference="mean"))
+            metrics.update({f"{k}{suffix}": v for k, v in part.items()})
+            curves.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "split": f"{split}{suffix}",
+                           "t": result.coords[:, 0].tolist(), "loss": [float(v) for v in result.loss],
+                           "accuracy": [float(v) for v in result.accuracy], "accuracy_top5": list(top5)})
+        return metrics, curves
+
+    def _zoo_metrics(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], list]:
+        """Barriers of the disjoint member pairs (0, 1), (2, 3), ... and their means."""
+        zoo = pl_module.net
+        per_pair, curves = [], []
+        for a in range(0, pl_module.num_models - 1, 2):
+            theta = {k: v.detach().clone() for k, v in zoo.member_state(a).items()}
+            pair, pair_curves = self._line_metrics(trainer, theta, zoo.member_state(a + 1), pl_module.device)
+            curves += [{**c, "split": f"{c['split']}_{a:02d}_{a + 1:02d}"} for c in pair_curves]
+            per_pair.append({f"{k}_{a:02d}_{a + 1:02d}": v for k, v in pair.items()})
+            per_pair[-1]["mean"] = pair
+        metrics = {k: sum(p["mean"][k] for p in per_pair) / len(per_pair) for k in per_pair[0]["mean"]}
+        for pair in per_pair:
+            metrics.update({k: v for k, v in pair.items() if k != "mean"})
+        return metrics, curves
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Evaluate the barrier now and log it (all ranks must call this together)."""
+        if self.reference == "zoo":
+            metrics, curves = self._zoo_metrics(trainer, pl_module)
+        else:
+            theta = {k: v.detach().clone() for k, v in self._net(pl_module).state_dict().items()}
+            metrics, curves = self._line_metrics(trainer, theta, self._reference_weights(pl_module),
+                                                 pl_module.device)
+        step = trainer.global_step
+        self.curves += curves
+        if self.save_curves:  # trainer.log_dir broadcasts under DDP: every rank asks
+            folder = self.curves_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "barrier_curves")
+            if trainer.is_global_zero:
+                for curve in curves:
+                    self._write_curve(folder, curve)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

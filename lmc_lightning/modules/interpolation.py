@@ -33,7 +33,8 @@ class InterpolationModule(PathModule):
         save_aligned: Write the aligned endpoint 1 to this ``.ckpt`` (readable by ``load_net`` and usable as an
             endpoint of any path module); ``None``: don't.
         num_points: Points on ``t`` in [0, 1], endpoints included.
-        bn: Statistics at every point: ``"reset"`` (BN reset on training data), ``"reset_test"`` (data-independent
+        bn: Statistics at every point: ``"auto"`` (``"reset"`` where the net has BatchNorm, else ``None``),
+            ``"reset"`` (BN reset on training data), ``"reset_test"`` (data-independent
             RESET: BN in train mode on each test batch), ``"repair"``, ``"rescale"`` (the rethink-re-basin seed's
             ``y / sigma * sigma_goal``), ``"reshift"``, ``"rescale_centered"`` (mean-preserving) or ``None``
             (interpolated running statistics); see :mod:`lmc_lightning.weights.renorm`.
@@ -67,7 +68,7 @@ class InterpolationModule(PathModule):
         align_samples: int = 5000,
         save_aligned: str | None = None,
         num_points: int = 21,
-        bn: BNMode | None = None,
+        bn: BNMode | None = "auto",
         renorm_options: dict[str, Any] | None = None,
         homogeneous: bool = False,
         bn_batches: int = 20,

@@ -54,7 +54,7 @@ forward memory fits in this fraction of the device's free memory."""
 STATS_SEED = 0
 """Seed of the random subset of training samples used for statistics (BN reset, REPAIR, RESCALE)."""
 
-BNMode = Literal["reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered"]
+BNMode = Literal["auto", "reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered"]
 BN_MODES = ("reset", "reset_test", *renorm.MODES)
 _PRECISIONS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
 
@@ -353,7 +353,8 @@ def evaluate_path(
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
-        bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"reset_test"`` (the seed's
+        bn: ``None``; ``"auto"`` (``"reset"`` for nets with BatchNorm, else ``None``); ``"reset"`` (recompute BN
+            running statistics at each point); ``"reset_test"`` (the seed's
             data-independent RESET: BN layers normalise each evaluation batch by its own statistics, no training
             data; so it depends on ``batch_size``; loop strategy); ``"repair"``, ``"rescale"`` (the seed's, no
             centring), ``"reshift"`` or ``"rescale_centered"`` (mean-preserving) (see
@@ -392,6 +393,8 @@ def evaluate_path(
             (naming the input shape).
     """
     start_time = time.perf_counter()
+    if bn == "auto":  # BN reset where there is BatchNorm, nothing to recompute elsewhere
+        bn = "reset" if renorm.batchnorms(net) else None
     if bn is not None and bn not in BN_MODES:
         raise ValueError(f"bn must be None or one of {BN_MODES}, got {bn!r}.")
     options = renorm.RenormOptions.parse(renorm_options)
