@@ -6,7 +6,16 @@ LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.s
 ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
-from lmc_lightning.nets import mlp, mobilenet, preresnet, resnet, vgg, vgg_garipov, vit  # noqa: F401  (registers)
+from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
+    fixup,
+    mlp,
+    mobilenet,
+    preresnet,
+    resnet,
+    vgg,
+    vgg_garipov,
+    vit,
+)
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.mobilenet import MobileNetV2
 from lmc_lightning.nets.preresnet import PreResNet
