@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lmc_lightning.checkpoint import check_state_matches, load_weights
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
+from lmc_lightning.weights.permutation.batches import eval_mode
 
 
 def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net_kwargs: dict[str, Any] | None,
@@ -20,6 +22,55 @@ def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net
         if seed is not None:
             torch.manual_seed(seed)
         return get_net(net, num_classes=num_classes, in_channels=input_shape[0], input_size=input_shape[1], **kwargs)
+
+
+def execution_order(net: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of ``net``'s submodules in the order a forward pass first calls them (one no-grad pass in eval mode)."""
+    order: list[str] = []
+    names = {m: n for n, m in net.named_modules() if n}
+    hooks = [m.register_forward_pre_hook(lambda mod, _: order.append(names[mod]) if names[mod] not in order else None)
+             for m in names]
+    try:
+        p = next(net.parameters(), None)
+        x = torch.zeros(2, *input_shape, device=p.device if p is not None else None)
+        with torch.no_grad(), eval_mode(net):
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def freeze_until(net: nn.Module, layer: str, input_shape: tuple[int, ...]) -> list[str]:
+    """Stop gradients to every parameter of the modules that run up to and including ``layer``.
+
+    Each module's own parameters count at its first call; naming a container freezes all of it and what ran before.
+    Frozen BatchNorm layers keep their train-mode behaviour (batch statistics; running statistics still update).
+
+    Args:
+        net: The network; modified in place (``requires_grad=False``).
+        layer: Module name (``net.named_modules()``), e.g. ``"features.3"``.
+        input_shape: ``(C, H, W)`` of one input, for the tracing pass.
+
+    Returns:
+        The names of the frozen parameters.
+
+    Raises:
+        ValueError: ``layer`` is not a module of ``net`` that the forward pass calls.
+    """
+    order = execution_order(net, input_shape)
+    if layer not in order:
+        raise ValueError(f"freeze={layer!r} is not a module that {type(net).__name__}'s forward calls; called modules "
+                         f"in order: {order}.")
+    modules = dict(net.named_modules())
+    frozen: list[str] = []
+    last = max(i for i, name in enumerate(order) if name == layer or name.startswith(layer + "."))
+    for name in order[: last + 1]:
+        for pname, param in modules[name].named_parameters(prefix=name, recurse=False):
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(pname)
+    return frozen
 
 
 class EndpointModule(LMCModule):
@@ -33,6 +84,14 @@ class EndpointModule(LMCModule):
         optim: Optimiser and schedule.
         label_smoothing: Label smoothing of the loss.
         seed: Seed of the network's initialisation (independent of data order); None uses the global RNG.
+        init: Checkpoint whose weights (parameters and buffers) replace the initialisation: an ``EndpointModule``
+            ``.ckpt`` or a plain state dict of this architecture. Loaded in ``setup`` (a resumed run's ``ckpt_path``
+            still wins).
+        init_prefix: Submodule holding the network in ``init`` (``"net"``; ``"net_a"``/``"net_b"`` for a
+            ``PairModule`` checkpoint).
+        freeze: Module name (``net.named_modules()``): the parameters of every module that runs up to and including
+            it are not trained (see :func:`freeze_until`); e.g. the intertwiner sanity test retrains the layers after a
+            transformed one.
     """
 
     def __init__(
@@ -44,14 +103,30 @@ class EndpointModule(LMCModule):
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
         seed: int | None = None,
+        init: str | None = None,
+        init_prefix: str = "net",
+        freeze: str | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
         self.save_hparams()
         self.net = build_net(net, num_classes, self.input_shape, net_kwargs, seed)
+        self.init, self.init_prefix = init, init_prefix
+        self._init_loaded = init is None
+        self.frozen = freeze_until(self.net, freeze, self.input_shape) if freeze is not None else []
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        """Load the ``init`` weights once."""
+        if not self._init_loaded:
+            state, _ = load_weights(self.init, self.init_prefix)
+            check_state_matches(self.net, state, source=str(self.init))
+            with torch.no_grad():
+                for key, value in self.net.state_dict().items():
+                    value.copy_(state[key])
+            self._init_loaded = True
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the network."""
