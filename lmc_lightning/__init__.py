@@ -27,6 +27,9 @@ _EXPORTS = {
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
     "SurfaceModule": "lmc_lightning.modules",
+    "StitchModule": "lmc_lightning.modules",
+    "stitch": "lmc_lightning.stitching",
+    "stitch_points": "lmc_lightning.stitching",
     "main": "lmc_lightning.cli",
 }
 

@@ -229,7 +229,16 @@ class Birkhoff(_Rounded):
         self.alpha, self.iters, self.rms = alpha, iters, rms
         self.weight = nn.Parameter(sinkhorn(torch.rand(channels, channels), init_iters))
         self.weight_scalars = nn.Parameter(torch.ones(channels))
-        self.scalars_on = False
+        self.register_buffer("scalars_enabled", torch.tensor(False))
+
+    @property
+    def scalars_on(self) -> bool:
+        """Whether the map uses the scalars (a buffer, so checkpoints keep it)."""
+        return bool(self.scalars_enabled)
+
+    @scalars_on.setter
+    def scalars_on(self, value: bool) -> None:
+        self.scalars_enabled.fill_(bool(value))
 
     def soft(self) -> Tensor:
         """``W``."""
