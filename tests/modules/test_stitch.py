@@ -20,7 +20,7 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        net = get_net(**{k if k != "name" else "name": v for k, v in SPEC.items()})
+        net = get_net("mcnn", in_channels=1, input_size=28, width=SPEC["width"])
         paths.append(str(save_net(root / f"{seed}.ckpt", net.state_dict(), SPEC)))
     return paths
 
@@ -29,7 +29,8 @@ def _args(root: Path, out: Path, endpoints: list[str], *extra: str) -> list[str]
     return ["--model", "StitchModule", "--model.endpoints", f"[{endpoints[0]},{endpoints[1]}]",
             "--data", "FashionMNISTDataModule", "--data.root", str(root), "--data.batch_size", "32",
             "--data.val_split", "64", "--model.bn_batches", "2",
-            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+            "--trainer.limit_test_batches", "2",
             "--trainer.default_root_dir", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0", *extra]
 
