@@ -30,6 +30,7 @@ _EXPORTS = {
     "StitchModule": "lmc_lightning.modules",
     "stitch": "lmc_lightning.stitching",
     "stitch_points": "lmc_lightning.stitching",
+    "transform_layer": "lmc_lightning.weights.symmetry",
     "main": "lmc_lightning.cli",
 }
 
