@@ -28,6 +28,7 @@ _EXPORTS = {
     "CurveModule": "lmc_lightning.modules",
     "SurfaceModule": "lmc_lightning.modules",
     "StitchModule": "lmc_lightning.modules",
+    "SimilarityModule": "lmc_lightning.modules",
     "stitch": "lmc_lightning.stitching",
     "stitch_points": "lmc_lightning.stitching",
     "transform_layer": "lmc_lightning.weights.symmetry",

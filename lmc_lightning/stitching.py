@@ -33,11 +33,10 @@ def sinkhorn(a: Tensor, iters: int = 16) -> Tensor:
 
     Zero sums are left alone (as in the seed), so an all-zero row or column stays zero.
     """
+    tiny = torch.finfo(a.dtype).tiny  # a zero sum means an all-zero line: dividing it by ``tiny`` leaves it zero
     for _ in range(iters):
-        rows = a.sum(dim=1, keepdim=True)
-        a = a / torch.where(rows == 0, torch.ones_like(rows), rows)
-        cols = a.sum(dim=0, keepdim=True)
-        a = a / torch.where(cols == 0, torch.ones_like(cols), cols)
+        a = a / a.sum(dim=1, keepdim=True).clamp_min(tiny)
+        a = a / a.sum(dim=0, keepdim=True).clamp_min(tiny)
     return a
 
 

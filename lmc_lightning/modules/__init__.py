@@ -6,8 +6,10 @@ from lmc_lightning.modules.endpoint import EndpointModule
 from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
+from lmc_lightning.modules.similarity import SimilarityModule
 from lmc_lightning.modules.stitch import StitchModule
 from lmc_lightning.modules.surface import SurfaceModule
 
 __all__ = ["CurveModule", "EndpointModule", "InterpolationModule", "LMCModule", "OptimConfig", "PairModule",
-           "PathModule", "StitchModule", "SurfaceModule"]
+           "PathModule", "SimilarityModule", "StitchModule",
+           "SurfaceModule"]

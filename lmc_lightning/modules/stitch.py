@@ -117,6 +117,10 @@ class StitchModule(LMCModule):
         self.acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.best_accuracy = float("-inf")
+        #: Stitch metrics of every validation, and (rounded layers) W's distance from a permutation per epoch.
+        self.history: list[dict[str, float]] = []
+        self.perm_history: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}
         self._snapshot: dict[str, Tensor] | None = None
         self._pristine: tuple[nn.Module, nn.Module] | None = None
 
@@ -194,6 +198,13 @@ class StitchModule(LMCModule):
         """Projection after every optimiser step (Birkhoff: Sinkhorn of relu(W))."""
         self.stitcher.project()
 
+    def on_train_epoch_end(self) -> None:
+        """Rounded layers: log how far W is from a permutation (``stitch/perm_distance``, ``stitch/row_max``)."""
+        if isinstance(self.stitcher, _Rounded):
+            dist = self.stitcher.distance_to_permutation()
+            self.perm_history.append({"epoch": self.current_epoch, **dist})
+            self.log_dict({"stitch/perm_distance": dist["distance"], "stitch/row_max": dist["row_max"]})
+
     # ------------------------------------------------------------------------------------------------ evaluation
     def _train_loader(self) -> Iterable:
         dm = self.trainer.datamodule
@@ -263,6 +274,8 @@ class StitchModule(LMCModule):
         prefix = "stitch" if stage == "val" else "test/stitch"
         self.log_dict({f"{prefix}/{k}": v for k, v in logs.items()}, sync_dist=False)
         self.last_metrics = logs
+        if stage == "val":
+            self.history.append({"epoch": self.current_epoch, **logs})
         if self._snapshot is not None:
             self._restore(self._snapshot)
             self._snapshot = None

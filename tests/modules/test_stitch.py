@@ -72,3 +72,39 @@ def test_bad_arguments_are_clear_errors(fake_fmnist_root: Path, tmp_path: Path, 
     with pytest.raises(ValueError, match="no parameters to train"):
         main(["fit", *_args(fake_fmnist_root, tmp_path, endpoints, "--model.layer", "identity",
                             "--trainer.max_epochs", "1")])
+
+
+def test_similarity_module_writes_matrix_csv_and_heat_maps(fake_fmnist_root: Path, tmp_path: Path,
+                                                           endpoints) -> None:
+    import csv
+
+    from lmc_lightning.metrics.functional import grelu_cka
+    from lmc_lightning.weights.permutation.batches import capture_module
+
+    args = ["--model", "SimilarityModule", "--model.endpoints", f"[{endpoints[0]},{endpoints[1]}]",
+            "--model.metrics", "[grelu_cka,grelu_procrustes]", "--model.num_samples", "40",
+            "--model.output_dir", str(tmp_path), "--data", "FashionMNISTDataModule", "--data.root",
+            str(fake_fmnist_root), "--data.batch_size", "32", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false"]
+    cli = main(["test", *args])
+    rows = list(csv.DictReader(open(tmp_path / "similarity.csv")))
+    assert len(rows) == 2 * 4 * 4
+    assert (tmp_path / "similarity_grelu_cka.png").stat().st_size > 0
+    # the module's value equals the functional on the same 40 test images
+    x = cli.datamodule.split_tensors("test")[0][:40]
+    nets = [capture_module(__import__("lmc_lightning").load_net(p), ["5"]) for p in endpoints]
+    want = float(grelu_cka(nets[0](x)[0], nets[1](x)[0]))
+    got = next(float(r["value"]) for r in rows if r["metric"] == "grelu_cka" and r["point_a"] == r["point_b"] == "5")
+    assert got == pytest.approx(want, abs=1e-5)
+    assert float(cli.trainer.callback_metrics["similarity/grelu_cka/5"]) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize(("command", "config"), [("fit", "configs/stitch/fmnist_mcnn_birkhoff.yaml"),
+                                                 ("test", "configs/similarity/fmnist_mcnn.yaml"),
+                                                 ("fit", "configs/endpoint/fmnist_mcnn.yaml")])
+def test_shipped_configs_print(command: str, config: str, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).parents[2])
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: lmc_lightning.modules." in capsys.readouterr().out
