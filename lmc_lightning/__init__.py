@@ -17,12 +17,17 @@ _EXPORTS = {
     "evaluate_path": "lmc_lightning.weights.evaluate",
     "PathResult": "lmc_lightning.weights.result",
     "align": "lmc_lightning.weights.permutation",
+    "align_many": "lmc_lightning.weights.permutation",
     "Linear": "lmc_lightning.weights.paths",
     "Arc": "lmc_lightning.weights.paths",
     "Bezier": "lmc_lightning.weights.curves",
     "PolyChain": "lmc_lightning.weights.curves",
     "BezierSurface": "lmc_lightning.weights.curves",
+    "connector_path": "lmc_lightning.weights.connect",
+    "ensemble_outputs": "lmc_lightning.weights.ensemble",
+    "wa_ensemble": "lmc_lightning.weights.ensemble",
     "EndpointModule": "lmc_lightning.modules",
+    "EnsembleModule": "lmc_lightning.modules",
     "InterpolationModule": "lmc_lightning.modules",
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
@@ -35,10 +40,15 @@ _EXPORTS = {
     "main": "lmc_lightning.cli",
 }
 
+_SUBPACKAGES = ("callbacks", "checkpoint", "cli", "data", "io", "metrics", "modules", "nets", "plots", "weights")
+"""Imported on first access, so ``import lmc_lightning; lmc_lightning.nets.available()`` works."""
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lmc_lightning' has no attribute '{name}'")

@@ -34,7 +34,8 @@ class EndpointModule(LMCModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser and schedule.
         label_smoothing: Label smoothing of the loss.
-        seed: Seed of the network's initialisation (independent of data order); None uses the global RNG.
+        seed: Seed of the network's initialisation (independent of data order); None: the global RNG, as seeded by
+            the run's ``seed_everything`` (so ``--seed_everything N`` varies it).
         init: Checkpoint whose weights (parameters and buffers) replace the initialisation: an ``EndpointModule``
             ``.ckpt`` or a plain state dict of this architecture. Loaded in ``setup`` (a resumed run's ``ckpt_path``
             still wins).
