@@ -8,7 +8,10 @@
    frozen, the rest retrained (``transform_layer`` + ``EndpointModule(init=..., freeze=...)``).
 
 Environment: ``LMC_EPOCHS`` (endpoint/retrain epochs, default 3), ``LMC_STITCH_EPOCHS`` (default 2 x LMC_EPOCHS),
-``LMC_SUBSET`` (training images, default 20000), ``LMC_OUT`` (output folder), ``LMC_DATA`` (Fashion-MNIST folder).
+``LMC_SUBSET`` (training images, default 20000), ``LMC_WIDTH`` (net width, default 0.25), ``LMC_SIM_SAMPLES``
+(test images of the similarity metrics, default 10000), ``LMC_OUT`` (output folder), ``LMC_DATA`` (Fashion-MNIST).
+
+    OMP_NUM_THREADS=1 LMC_EPOCHS=2 LMC_SUBSET=2000 LMC_WIDTH=0.125 python experiments/stitching_fmnist.py
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from lmc_lightning.weights.symmetry import transform_layer
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
 STITCH_EPOCHS = int(os.environ.get("LMC_STITCH_EPOCHS", 2 * EPOCHS))
 SUBSET = int(os.environ.get("LMC_SUBSET", 20_000))
+WIDTH = float(os.environ.get("LMC_WIDTH", 0.25))
+SIM_SAMPLES = int(os.environ.get("LMC_SIM_SAMPLES", 10_000))
 OUT = Path(os.environ.get("LMC_OUT", "runs/stitching"))
 ROOT = os.environ.get("LMC_DATA", "/usr/share/datasets/fashion-mnist")
 ZOO = OptimConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4, scheduler="multistep",
@@ -45,23 +50,23 @@ def trainer(epochs: int) -> pl.Trainer:
                       enable_model_summary=False, default_root_dir=str(OUT))
 
 
-def train(net: str, seed: int, path: Path, width: float = 0.25, init: str | None = None,
-          freeze: str | None = None) -> float:
+def train(net: str, seed: int, path: Path, init: str | None = None, freeze: str | None = None) -> float:
     """Train (or retrain) an endpoint, save it, return its test accuracy."""
     pl.seed_everything(seed, verbose=False)
     dm = data(128)
-    model = EndpointModule(net=net, net_kwargs={"width": width}, num_classes=10, input_shape=(1, 28, 28), optim=ZOO,
+    model = EndpointModule(net=net, net_kwargs={"width": WIDTH}, num_classes=10, input_shape=(1, 28, 28), optim=ZOO,
                            seed=seed, init=init, freeze=freeze)
     t = trainer(EPOCHS)
     t.fit(model, datamodule=dm)
     save_net(path, model.net.state_dict(), {"name": net, "num_classes": 10, "in_channels": 1, "input_size": 28,
-                                            "width": width})
+                                            "width": WIDTH})
     return float(t.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    results: dict = {"epochs": EPOCHS, "stitch_epochs": STITCH_EPOCHS, "subset": SUBSET}
+    results: dict = {"epochs": EPOCHS, "stitch_epochs": STITCH_EPOCHS, "subset": SUBSET, "width": WIDTH,
+                     "similarity_samples": SIM_SAMPLES}
     # 1. endpoints
     ends = [OUT / f"mcnn_{s}.ckpt" for s in (0, 1)]
     results["endpoint_acc"] = [train("mcnn", s, p) for s, p in zip((0, 1), ends, strict=True)]
@@ -70,7 +75,7 @@ def main() -> None:
                         epochs=STITCH_EPOCHS, output_dir=OUT, rank=1, alpha=0.1, warmup_epochs=STITCH_EPOCHS // 2)
     results["stitch"] = rows
     # 3. similarity per layer
-    sim = SimilarityModule(endpoints=[str(p) for p in ends], output_dir=str(OUT), num_samples=10_000,
+    sim = SimilarityModule(endpoints=[str(p) for p in ends], output_dir=str(OUT), num_samples=SIM_SAMPLES,
                            metrics=["grelu_procrustes", "orthogonal_procrustes", "grelu_cka", "linear_cka"],
                            input_shape=(1, 28, 28))
     trainer(1).test(sim, datamodule=data(1000), verbose=False)
@@ -85,7 +90,7 @@ def main() -> None:
             moved = transform_layer(load_net(base_path), layer, group, seed=1, input_shape=(1, 28, 28))
             path = OUT / f"mcnn_k_{group}_{layer}.ckpt"
             save_net(path, moved.state_dict(), {"name": "mcnn_k", "num_classes": 10, "in_channels": 1,
-                                                "input_size": 28, "width": 0.25})
+                                                "input_size": 28, "width": WIDTH})
             acc = train("mcnn_k", 0, path, init=str(path), freeze=layer)
             sanity[f"{group}_{layer}"] = {"acc": acc, "penalty": base - acc}
             print(f"sanity: {group} map at layer {layer}: penalty {base - acc:.4f}", flush=True)
