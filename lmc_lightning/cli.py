@@ -9,6 +9,7 @@ import traceback
 from typing import Any
 
 import torch
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
