@@ -150,6 +150,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--naive-budget", type=float, default=60.0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parts", nargs="+", default=["steps", "cka"], choices=["steps", "cka"])
+    p.add_argument("--nets", nargs="+", default=["mcnn", "resnet20_a"])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,9 +159,11 @@ def main() -> None:
     args.steps = args.steps or (10 if args.quick else 50)
     args.width = args.width or (0.25 if args.quick else 1.0)
     args.samples = args.samples or (300 if args.quick else 10_000)
-    for name, shape in (("mcnn", (3, 32, 32)), ("resnet20_a", (3, 32, 32))):
-        bench_steps(name, shape, args, device)
-    bench_cka(args, device)
+    if "steps" in args.parts:
+        for name in args.nets:
+            bench_steps(name, (3, 32, 32), args, device)
+    if "cka" in args.parts:
+        bench_cka(args, device)
 
 
 if __name__ == "__main__":

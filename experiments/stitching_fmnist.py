@@ -8,7 +8,8 @@
    frozen, the rest retrained (``transform_layer`` + ``EndpointModule(init=..., freeze=...)``).
 
 Environment: ``LMC_EPOCHS`` (endpoint/retrain epochs, default 3), ``LMC_STITCH_EPOCHS`` (default 2 x LMC_EPOCHS),
-``LMC_SUBSET`` (training images, default 20000), ``LMC_WIDTH`` (net width, default 0.25), ``LMC_SIM_SAMPLES``
+``LMC_SUBSET`` (training images, default 20000), ``LMC_REUSE=1`` (keep endpoints already in LMC_OUT),
+``LMC_WIDTH`` (net width, default 0.25), ``LMC_SIM_SAMPLES``
 (test images of the similarity metrics, default 10000), ``LMC_OUT`` (output folder), ``LMC_DATA`` (Fashion-MNIST).
 
     OMP_NUM_THREADS=1 LMC_EPOCHS=2 LMC_SUBSET=2000 LMC_WIDTH=0.125 python experiments/stitching_fmnist.py
@@ -54,10 +55,12 @@ def train(net: str, seed: int, path: Path, init: str | None = None, freeze: str 
     """Train (or retrain) an endpoint, save it, return its test accuracy."""
     pl.seed_everything(seed, verbose=False)
     dm = data(128)
+    reuse = init is None and path.exists() and os.environ.get("LMC_REUSE") == "1"
     model = EndpointModule(net=net, net_kwargs={"width": WIDTH}, num_classes=10, input_shape=(1, 28, 28), optim=ZOO,
-                           seed=seed, init=init, freeze=freeze)
+                           seed=seed, init=str(path) if reuse else init, freeze=freeze)
     t = trainer(EPOCHS)
-    t.fit(model, datamodule=dm)
+    if not reuse:  # LMC_REUSE=1: keep an endpoint already trained in LMC_OUT
+        t.fit(model, datamodule=dm)
     save_net(path, model.net.state_dict(), {"name": net, "num_classes": 10, "in_channels": 1, "input_size": 28,
                                             "width": WIDTH})
     return float(t.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
