@@ -98,13 +98,3 @@ def test_similarity_module_writes_matrix_csv_and_heat_maps(fake_fmnist_root: Pat
     assert got == pytest.approx(want, abs=1e-5)
     assert float(cli.trainer.callback_metrics["similarity/grelu_cka/5"]) == pytest.approx(want, abs=1e-5)
 
-
-@pytest.mark.parametrize(("command", "config"), [("fit", "configs/stitch/fmnist_mcnn_birkhoff.yaml"),
-                                                 ("test", "configs/similarity/fmnist_mcnn.yaml"),
-                                                 ("fit", "configs/endpoint/fmnist_mcnn.yaml")])
-def test_shipped_configs_print(command: str, config: str, capsys, monkeypatch) -> None:
-    monkeypatch.chdir(Path(__file__).parents[2])
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--config", config, "--print_config"])
-    assert exit_info.value.code == 0
-    assert "class_path: lmc_lightning.modules." in capsys.readouterr().out
