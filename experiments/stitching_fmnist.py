@@ -59,8 +59,9 @@ def train(net: str, seed: int, path: Path, init: str | None = None, freeze: str 
     model = EndpointModule(net=net, net_kwargs={"width": WIDTH}, num_classes=10, input_shape=(1, 28, 28), optim=ZOO,
                            seed=seed, init=str(path) if reuse else init, freeze=freeze)
     t = trainer(EPOCHS)
-    if not reuse:  # LMC_REUSE=1: keep an endpoint already trained in LMC_OUT
-        t.fit(model, datamodule=dm)
+    if reuse:  # LMC_REUSE=1: keep an endpoint already trained in LMC_OUT
+        return float(t.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
+    t.fit(model, datamodule=dm)
     save_net(path, model.net.state_dict(), {"name": net, "num_classes": 10, "in_channels": 1, "input_size": 28,
                                             "width": WIDTH})
     return float(t.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
