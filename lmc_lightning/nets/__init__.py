@@ -5,8 +5,15 @@ your own. Nets are built only from standard modules (Conv2d, Linear, BatchNorm2d
 Flatten) and residual ``+``, so ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
-# registers the built-in nets
-from lmc_lightning.nets import mlp, myrtle, preresnet, resnet, vgg, vgg_garipov  # noqa: F401
+from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
+    fixup,
+    mlp,
+    myrtle,
+    preresnet,
+    resnet,
+    vgg,
+    vgg_garipov,
+)
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
