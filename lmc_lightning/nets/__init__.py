@@ -10,6 +10,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     fixup,
     mlp,
     mobilenet,
+    myrtle,
     preresnet,
     resnet,
     vgg,
@@ -18,6 +19,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
 )
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.mobilenet import MobileNetV2
+from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
 from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
@@ -25,5 +27,5 @@ from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 from lmc_lightning.nets.vit import ViT
 
-__all__ = ["MLP", "VGG", "GaripovVGG", "MobileNetV2", "PreResNet", "ResNet", "ViT", "available", "get_net",
-           "register", "resnet18", "resnet20"]
+__all__ = ["MLP", "VGG", "GaripovVGG", "MobileNetV2", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "ViT",
+           "available", "get_net", "register", "resnet18", "resnet20"]
