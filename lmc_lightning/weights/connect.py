@@ -157,8 +157,8 @@ def solve_wa(features: Tensor, target: Tensor, solver: Solver = "lstsq") -> Tens
     out = f.new_zeros(f.shape[1], y.shape[1])
     if bool(live.any()):
         fl = f[:, live]
-        driver = "gelsd" if f.device.type == "cpu" else None
-        out[live] = torch.linalg.lstsq(fl, y, driver=driver).solution
+        # CPU: gelsy (pivoted QR, rank-revealing; torch's default there); CUDA: gels (needs full column rank)
+        out[live] = torch.linalg.lstsq(fl, y).solution
     return out
 
 
