@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -57,40 +58,48 @@ def rank_info(trainer: Any) -> tuple[int, int]:
     return int(trainer.global_rank), int(trainer.world_size)
 
 
-def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], trainer: Any = None,
-                      **kwargs: Any) -> PathResult:
+def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor] | Mapping[str, tuple[Tensor, Tensor]],
+                      trainer: Any = None, **kwargs: Any) -> PathResult:
     """:func:`evaluate_path` with the evaluation data shared between DDP ranks.
 
-    Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data``; per-point sums of loss and of
-    correct predictions are all-reduced, so every rank returns the same result, equal to a single-process run on all
-    of ``data``. BN statistics (``bn``, ``train_data``) are computed by every rank on the same samples (the engine's
-    seeded subset), so they too equal the single-process ones. All ranks must call this together.
+    Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data`` (of each named set); per-point
+    sums of loss and of correct predictions are all-reduced, so every rank returns the same result, equal to a
+    single-process run on all of ``data``. BN statistics (``bn``, ``train_data``) are computed by every rank on the
+    same samples (the engine's seeded subset), so they too equal the single-process ones. All ranks must call this
+    together.
 
     Args:
         path: The path to evaluate.
         net: Template network (the architecture the weights are run through).
-        data: ``(x, y)`` evaluation tensors, the same on every rank.
+        data: ``(x, y)`` evaluation tensors, or ``{set name: (x, y)}``, the same on every rank.
         trainer: The Lightning trainer (rank, world size and the all-reduce); ``None``: one process.
         **kwargs: Passed on to :func:`evaluate_path` (``coords``, ``bn``, ``train_data``, ``device``, ...).
     """
     rank, world = rank_info(trainer)
-    x, y = data
-    if len(y) < world:
-        raise ValueError(f"{len(y)} evaluation samples cannot be shared between {world} ranks; use more data.")
+    named = isinstance(data, Mapping)
+    parts = dict(data) if named else {"": data}
+    for name, (_, y) in parts.items():
+        if len(y) < world:
+            raise ValueError(f"{len(y)} evaluation samples{f' in set {name!r}' if name else ''} cannot be shared "
+                             f"between {world} ranks; use more data.")
     if world > 1:
-        x, y = x[rank::world], y[rank::world]
-    result = evaluate_path(path, net, (x, y), **kwargs)
+        parts = {k: (x[rank::world], y[rank::world]) for k, (x, y) in parts.items()}
+    result = evaluate_path(path, net, parts if named else parts[""], **kwargs)
     if world == 1:
         return result
-    n = float(len(y))
-    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n)], dtype=torch.float64)
-    count = torch.tensor([n], dtype=torch.float64)
+    singles = list(result.sets.values()) if named else [result]
+    n = torch.tensor([float(len(y)) for _, y in parts.values()], dtype=torch.float64)
+    sums = torch.stack([torch.as_tensor(np.stack([r.loss, r.accuracy])) for r in singles]) * n[:, None, None]
     device = trainer.strategy.root_device
     sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
-    count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
-    mean = (sums / count).numpy()
-    meta = {**result.meta, "world_size": world, "num_samples": int(count.item())}
-    return dataclasses.replace(result, loss=mean[0], accuracy=mean[1], meta=meta)
+    count = trainer.strategy.reduce(n.to(device), reduce_op="sum").cpu()
+    mean = (sums / count[:, None, None]).numpy()
+    total = [int(c) for c in count.tolist()]
+    meta = {**result.meta, "world_size": world, "num_samples": dict(zip(parts, total, strict=True)) if named
+            else total[0]}
+    if named:
+        return PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta)
+    return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
 
 
 def point_label(coord: Sequence[float]) -> str:
