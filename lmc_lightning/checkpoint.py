@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lmc_lightning.nets import get_net
+from lmc_lightning.weights.paths import check_finite
 
 NetSpec = dict[str, Any]
 
@@ -40,7 +41,8 @@ def load_weights(path: str | os.PathLike, prefix: str = "net") -> tuple[dict[str
         The state dict and the net spec (``{"name": ..., "num_classes": ..., ...}``), None for a plain state dict.
 
     Raises:
-        ValueError: The file is not a checkpoint, or holds no weights under ``prefix``.
+        ValueError: The file is not a checkpoint, holds no weights under ``prefix``, or holds NaN/Inf weights
+            (naming the file and the tensor).
     """
     obj = _read(path)
     if not isinstance(obj, Mapping):
@@ -48,12 +50,14 @@ def load_weights(path: str | os.PathLike, prefix: str = "net") -> tuple[dict[str
     if "state_dict" not in obj:
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise ValueError(f"{path} is neither a Lightning checkpoint nor a state dict of tensors.")
+        check_finite(obj, f"Checkpoint {path}")
         return dict(obj), None
     head = prefix.rstrip(".") + "."
     state = {k[len(head):]: v for k, v in obj["state_dict"].items() if k.startswith(head)}
     if not state:
         found = sorted({k.split(".")[0] for k in obj["state_dict"]})
         raise ValueError(f"{path} has no weights under '{prefix}'; its top-level modules are {found}.")
+    check_finite(state, f"Checkpoint {path} ({prefix})")
     hp = obj.get("hyper_parameters", {})
     spec = None
     if isinstance(hp.get("net"), str):
