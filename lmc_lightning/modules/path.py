@@ -120,7 +120,7 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
 
 
 EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
-                 "output_dir")
+                 "output_dir", "eval_sets", "eval_split")
 
 
 class PathModule(LMCModule):
@@ -155,6 +155,11 @@ class PathModule(LMCModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser settings (used only by trainable paths).
         label_smoothing: Label smoothing of the training loss (trainable paths).
+        eval_sets: Named evaluation sets of the datamodule (``datamodule.eval_sets(split, names)``, e.g. a
+            :class:`~lmc_lightning.data.cue.CueDataModule`'s ``[clean, cue, rand_cue, rand_image]``), evaluated
+            after one statistics pass per point; BN statistics then come from the ``clean`` training set, as in MMC.
+            ``None``: the datamodule's test split.
+        eval_split: Split of the named sets: ``"test"`` or ``"train"``.
     """
 
     trainable: ClassVar[bool] = False
@@ -179,9 +184,15 @@ class PathModule(LMCModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
+        eval_sets: list[str] | None = None,
+        eval_split: Literal["train", "test"] = "test",
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
+        if eval_split not in ("train", "test"):
+            raise ValueError(f"eval_split must be 'train' or 'test', got {eval_split!r}.")
+        if eval_sets is not None and not eval_sets:
+            raise ValueError("eval_sets must name at least one set (or be null for the test split).")
         # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
         # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
         self.save_hparams(ignore=EVAL_SETTINGS)
@@ -205,6 +216,8 @@ class PathModule(LMCModule):
         self.net_name = net
         self.net_kwargs = dict(net_kwargs or {})
         self.output_dir = output_dir
+        self.eval_sets = list(eval_sets) if eval_sets is not None else None
+        self.eval_split = eval_split
         self.path: Path | None = None
         self.net_spec: dict[str, Any] | None = None
         self.result: PathResult | None = None
@@ -342,14 +355,27 @@ class PathModule(LMCModule):
                              "(--data FashionMNISTDataModule, ...) that provides split_tensors().")
         return dm
 
+    def evaluation_data(self, split: str = "test") -> tuple[Any, Any]:
+        """``(evaluation data, statistics data)``: the named ``eval_sets`` of ``eval_split`` with the clean training
+        set for statistics, or ``split`` of the datamodule with its training split."""
+        dm = self._datamodule()
+        stats_needed = self.bn is not None
+        if self.eval_sets is None:
+            return dm.split_tensors(split), (dm.split_tensors("train") if stats_needed else None)
+        if not hasattr(dm, "eval_sets"):
+            raise ValueError(f"eval_sets={self.eval_sets} needs a datamodule with named evaluation sets "
+                             "(--data CueDataModule); drop --model.eval_sets to evaluate the test split.")
+        data = dm.eval_sets(self.eval_split, self.eval_sets)
+        return data, (dm.eval_sets("train", ["clean"])["clean"] if stats_needed else None)
+
     def evaluate_grid(self, split: str = "test") -> PathResult:
-        """Evaluate :meth:`eval_coords` on a whole split of the attached datamodule (all ranks must call this)."""
+        """Evaluate :meth:`eval_coords` on a whole split of the attached datamodule, or on its named ``eval_sets``
+        (all ranks must call this)."""
         if self.path is None:
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
-        dm = self._datamodule()
-        train = dm.split_tensors("train") if self.bn is not None else None
+        data, train = self.evaluation_data(split)
         return evaluate_on_ranks(
-            self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
+            self.path, self.net, data, self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
             strategy=self.eval_strategy,
@@ -374,12 +400,16 @@ class PathModule(LMCModule):
                            f"{', '.join(map(str, self.result_files.values()))}")
 
     def log_result(self, result: PathResult) -> None:
-        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""
-        metrics = summary_metrics(result)
-        for coord, loss, acc in zip(result.coords, result.loss, result.accuracy, strict=True):
-            label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
-            metrics[f"path/loss_{label}"] = float(loss)
-            metrics[f"path/acc_{label}"] = float(acc)
+        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary (with named sets:
+        ``path/<set>/loss_t=...`` and ``barrier/<set>/*`` per set)."""
+        parts = {f"/{name}": part for name, part in result.sets.items()} or {"": result}
+        metrics = {}
+        for tag, part in parts.items():
+            metrics.update(summary_metrics(part, prefix=f"barrier{tag}"))
+            for coord, loss, acc in zip(part.coords, part.loss, part.accuracy, strict=True):
+                label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
+                metrics[f"path{tag}/loss_{label}"] = float(loss)
+                metrics[f"path{tag}/acc_{label}"] = float(acc)
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)  # already identical on every rank
 
