@@ -3,20 +3,12 @@
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.modules.curve import CurveModule
 from lmc_lightning.modules.endpoint import EndpointModule
-<<<<<<< HEAD
-from lmc_lightning.modules.finetune import FineTuneModule
-=======
 from lmc_lightning.modules.ensemble import EnsembleModule
->>>>>>> main
+from lmc_lightning.modules.finetune import FineTuneModule
 from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
 from lmc_lightning.modules.surface import SurfaceModule
 
-<<<<<<< HEAD
-__all__ = ["CurveModule", "EndpointModule", "FineTuneModule", "InterpolationModule", "LMCModule", "OptimConfig",
-           "PairModule", "PathModule", "SurfaceModule"]
-=======
-__all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "InterpolationModule", "LMCModule",
+__all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "FineTuneModule", "InterpolationModule", "LMCModule",
            "OptimConfig", "PairModule", "PathModule", "SurfaceModule"]
->>>>>>> main
