@@ -176,6 +176,7 @@ class FineTuneModule(LMCModule):
         self.theta_cue: dict[str, Tensor] | None = None
         self._interp_buffers: dict[str, Tensor] = {}
         self._sets: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+        self._lp_done = False
 
     # Setup ----------------------------------------------------------------------------------------------------------
 
@@ -222,8 +223,16 @@ class FineTuneModule(LMCModule):
             rank_zero_info(f"FineTuneModule: {self.method} from {self.init} on {self.n_clean} clean"
                            f"{f' + {self.n_cue} cue' if self.method == 'cbft' else ''} samples (with replacement).")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the module (see :class:`LMCModule`) and whether LP already ran (a resumed LP-FT must not redo it)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CKPT_KEY] = {"lp_done": self._lp_done}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Build the net from the checkpoint's architecture when no ``init`` built it."""
+        """Check the writer, restore the LP flag, and build the net from the checkpoint's architecture when no
+        ``init`` built it."""
+        super().on_load_checkpoint(checkpoint)
+        self._lp_done = bool(checkpoint.get(CKPT_KEY, {}).get("lp_done", False))
         if self.net is None:
             hp = checkpoint.get("hyper_parameters", {})
             shape = hp.get("input_shape", self.input_shape)
@@ -253,14 +262,15 @@ class FineTuneModule(LMCModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        """LP and LP-FT: train a fresh head on the frozen net's features, then copy it in."""
-        if self.method in ("lp", "lpft"):
+        """LP and LP-FT: train a fresh head on the frozen net's features, then copy it in (once, not on resume)."""
+        if self.method in ("lp", "lpft") and not self._lp_done:
             head = self.train_linear_probe(*self._cue_data().mixture_tensors("clean"))
             _, target = head_of(self.net)
             with torch.no_grad():
                 target.weight.copy_(head.weight)
                 if target.bias is not None:
                     target.bias.copy_(head.bias)
+            self._lp_done = True
 
     def train_linear_probe(self, x: Tensor, y: Tensor) -> nn.Linear:
         """LP (LLRT): a fresh ``nn.Linear`` trained on features of the frozen net (eval mode); returns it."""

@@ -137,3 +137,17 @@ def test_cbft_under_two_process_ddp(cue_ckpt, fake_fmnist_root, tmp_path):
                        enable_checkpointing=False)
     trainer.fit(model, datamodule=_data(fake_fmnist_root))
     assert trainer.state.finished
+
+
+def test_lpft_resume_keeps_the_probe_and_continues(cue_ckpt, fake_fmnist_root, tmp_path, monkeypatch):
+    model = FineTuneModule(method="lpft", init=str(cue_ckpt), n_clean=64, lp_epochs=2)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(model, datamodule=_data(fake_fmnist_root))
+    ckpt = tmp_path / "lpft.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = FineTuneModule(method="lpft", init=str(cue_ckpt), n_clean=64, lp_epochs=2)
+    monkeypatch.setattr(FineTuneModule, "train_linear_probe", lambda *a: pytest.fail("LP ran again on resume"))
+    trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=_data(fake_fmnist_root), ckpt_path=str(ckpt))
+    assert trainer.current_epoch == 2 and resumed._lp_done
+    assert any(not torch.equal(v, model.net.state_dict()[k]) for k, v in resumed.net.state_dict().items())
