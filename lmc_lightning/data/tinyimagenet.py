@@ -122,7 +122,7 @@ class TinyImageNetDataModule(BaseDataModule):
         augment: bool = True,
         normalize: bool = True,
         download: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         device_resident: bool = False,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, val_split, train_subset, subset_mode,
