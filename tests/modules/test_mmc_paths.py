@@ -1,5 +1,6 @@
 """MMC paths (seed 000): QMC's random start and step against a direct computation; per-set path evaluation through
-InterpolationModule equals separate single-set runs; the shipped configs/mmc and the CLI fine-tuning path."""
+InterpolationModule equals separate single-set runs; the CLI fine-tuning path with the shipped config (every shipped
+config's --print_config is tested in tests/test_readme.py)."""
 
 from __future__ import annotations
 
@@ -96,14 +97,6 @@ def test_interpolation_evaluates_every_set_like_single_set_runs(ends, fake_fmnis
         np.testing.assert_allclose(result.sets[name].loss, single.loss, rtol=0, atol=1e-6)
     rows = (tmp_path / "path.csv").read_text().splitlines()
     assert rows[0] == "t,set,loss,accuracy" and len(rows) == 1 + 3 * len(EVAL_SETS)
-
-
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_mmc_configs_print(config: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
-    assert exit_info.value.code == 0
-    assert "class_path" in capsys.readouterr().out
 
 
 def test_cli_finetune_fit_then_test(fake_fmnist_root, tmp_path, monkeypatch):
