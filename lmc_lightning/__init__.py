@@ -32,6 +32,8 @@ _EXPORTS = {
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
     "SurfaceModule": "lmc_lightning.modules",
+    "FineTuneModule": "lmc_lightning.modules",
+    "CueDataModule": "lmc_lightning.data",
     "main": "lmc_lightning.cli",
 }
 

@@ -9,6 +9,8 @@ through a BN-fused trace of the net (:mod:`lmc_lightning.weights.fused`: BatchNo
 pass) with large batches: the evaluation batch is as large as memory allows, and BN reset forwards many statistics
 batches at once, each still normalised by its own statistics.
 
+Several named evaluation sets (``data={"clean": ..., "rand_cue": ...}``) share one statistics pass per point.
+
 Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``; see :mod:`lmc_lightning.weights.renorm`) are taken at every
 point on the same ``bn_batches x bn_batch_size`` training samples, a subset drawn with :data:`STATS_SEED` (all of the
 training data, in order, when it is not larger). Weights at each point come from the path's coefficients, computed
@@ -169,23 +171,28 @@ def _load(state: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
 
 
 class _Evaluator:
-    """Per-point loss sums and correct counts over device-resident test batches."""
+    """Per-set, per-point loss sums and correct counts over device-resident test batches.
 
-    def __init__(self, batches: list[tuple[Tensor, Tensor]], num_points: int, device: torch.device) -> None:
+    ``batches`` are ``(set index, x, y)`` triples: every evaluation set's batches, evaluated after one statistics
+    pass per point.
+    """
+
+    def __init__(self, batches: list[tuple[int, Tensor, Tensor]], num_sets: int, num_points: int,
+                 device: torch.device) -> None:
         self.batches = batches
-        self.loss = torch.zeros(num_points, dtype=torch.float64, device=device)
-        self.correct = torch.zeros(num_points, dtype=torch.long, device=device)
+        self.loss = torch.zeros(num_sets, num_points, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(num_sets, num_points, dtype=torch.long, device=device)
 
-    def add(self, logits: Tensor, y: Tensor, index: int | slice) -> None:
-        """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice."""
+    def add(self, logits: Tensor, y: Tensor, s: int, index: int | slice) -> None:
+        """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice, on evaluation set ``s``."""
         if logits.dim() == 2:
-            self.loss[index] += F.cross_entropy(logits.float(), y, reduction="sum")
-            self.correct[index] += (logits.argmax(-1) == y).sum()
+            self.loss[s, index] += F.cross_entropy(logits.float(), y, reduction="sum")
+            self.correct[s, index] += (logits.argmax(-1) == y).sum()
             return
         c, b, k = logits.shape
         losses = F.cross_entropy(logits.float().reshape(c * b, k), y.repeat(c), reduction="none")
-        self.loss[index] += losses.view(c, b).sum(1)
-        self.correct[index] += (logits.argmax(-1) == y).sum(1)
+        self.loss[s, index] += losses.view(c, b).sum(1)
+        self.correct[s, index] += (logits.argmax(-1) == y).sum(1)
 
 
 class _Points:
@@ -246,8 +253,8 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
             repaired = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
                                           endpoint_stats=endpoint_stats, sync=False)
             _load(state, repaired)
-        for x, y in ev.batches:
-            ev.add(model(x), y, i)
+        for s, x, y in ev.batches:
+            ev.add(model(x), y, s, i)
 
 
 def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
@@ -261,8 +268,8 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
         elif bn is not None:
             w = renorm.renormalize(work, None, None, w, coords[start:stop, 0].to(device), stats, bn, stacked=True,
                                    sites=sites, endpoint_stats=endpoint_stats, sync=False)
-        for x, y in ev.batches:
-            ev.add(batched(w, x), y, slice(start, stop))
+        for s, x, y in ev.batches:
+            ev.add(batched(w, x), y, s, slice(start, stop))
 
 
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
@@ -308,7 +315,10 @@ def evaluate_path(
         data: Test data in any form :func:`~lmc_lightning.weights.data.materialize` accepts: ``(x, y)`` tensors, a
             DataLoader or any iterable of ``(x, y)`` batches, a Dataset, or a datamodule (its ``"test"`` split; its
             ``"train"`` split serves for statistics when ``train_data`` is None). Read once, moved to the device
-            once (a ``MemoryError`` naming the sizes when it does not fit).
+            once (a ``MemoryError`` naming the sizes when it does not fit). Or several named evaluation sets,
+            ``{"clean": ..., "rand_cue": ...}`` (each in one of those forms; statistics then come from
+            ``train_data``): statistics are computed once per point and every set is evaluated with them; the
+            result has one entry per set in ``PathResult.sets``, each with its own barriers.
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
@@ -316,7 +326,8 @@ def evaluate_path(
             running statistics at each point); ``"repair"`` or ``"rescale"``
             (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
         train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
-            needed.
+            needed. It may differ from the evaluation data (e.g. MMC resets BN on clean training data and evaluates
+            counterfactual sets).
         bn_batches: Number of statistics batches.
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
         batch_size: Samples per forward pass when evaluating a point. Default: 1000, or on CUDA with the loop
@@ -339,7 +350,9 @@ def evaluate_path(
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
-        Points with a non-finite loss are reported with a ``RuntimeWarning`` and get no barrier.
+        With named sets as ``data``, a multi-set result (:meth:`~lmc_lightning.weights.result.PathResult.from_sets`)
+        whose ``loss``/``accuracy`` are the first set's. Points with a non-finite loss are reported with a
+        ``RuntimeWarning`` and get no barrier.
 
     Raises:
         ValueError: Non-finite endpoint weights (naming the endpoint and tensor), or data the net cannot run on
@@ -363,12 +376,19 @@ def evaluate_path(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     pts = _coords(path, num_points, coords)
+    named = isinstance(data, Mapping)
+    if named and not data:
+        raise ValueError("data is an empty mapping: name at least one evaluation set, e.g. {'test': (x, y)}.")
+    if named and train_data is None and (bn is not None or align in ("activation", "ste")):
+        raise ValueError(f"With named evaluation sets, statistics (bn={bn!r}, align={align!r}) need train_data: "
+                         "pass train_data=(x, y), a Dataset or a datamodule.")
     for i in range(path.num_fixed):
         check_finite(path.endpoint(i), f"path endpoint {i}")
     if align is not None:
         path = _aligned_path(path, net, align, train_data if train_data is not None else data, align_samples, device)
 
-    x_test, y_test = _tensors(data, "test", "data")
+    sets = ({str(k): _tensors(v, "test", f"data[{k!r}]") for k, v in data.items()} if named
+            else {"": _tensors(data, "test", "data")})
     stats_x = None
     if bn is not None:
         if train_data is None and not _is_datamodule(data):
@@ -395,7 +415,7 @@ def evaluate_path(
 
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
-    x_dev, y_dev = to_device(x_test), _move(y_test, device, what="data")
+    on_device = [(to_device(x), _move(y, device, what="data")) for x, y in sets.values()]
     stats = ([to_device(b, "train_data") for b in _stats_batches(stats_x, bn_batches, bn_batch_size)]
              if bn is not None else None)
     path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
@@ -406,11 +426,13 @@ def evaluate_path(
     model = fused.fuse_norms(work) if fuse_norms and chosen == "loop" and bn in (None, "reset") else None
 
     with torch.no_grad(), autocast, _cudnn_autotune(device):
-        _probe(work, x_dev, type(net).__name__)
+        _probe(work, on_device[0][0], type(net).__name__)
         if batch_size is None:
-            batch_size = _auto_batch_size(work if model is None else model, x_dev, device) if chosen == "loop" else 1000
-        test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
-        ev = _Evaluator(test_batches, len(pts), device)
+            batch_size = (_auto_batch_size(work if model is None else model, on_device[0][0], device)
+                          if chosen == "loop" else 1000)
+        test_batches = [(s, xb, yb) for s, (x, y) in enumerate(on_device)
+                        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)]
+        ev = _Evaluator(test_batches, len(sets), len(pts), device)
         sites, endpoint_stats, defaults = None, None, {}
         if bn in ("repair", "rescale"):
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
@@ -427,14 +449,19 @@ def evaluate_path(
             _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge)
         else:
             _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
-    n = len(y_test)
-    loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
+    n = torch.tensor([len(y) for _, y in sets.values()], dtype=torch.float64)
+    loss, acc = (ev.loss.cpu() / n[:, None]).numpy(), (ev.correct.cpu().double() / n[:, None]).numpy()
     meta = {
         "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
-        "channels_last": channels_last, "batch_size": batch_size,
-        "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
-        "seconds": time.perf_counter() - start_time,
+        "channels_last": channels_last, "batch_size": batch_size, "device": str(device),
+        "num_test": {k: int(c) for k, c in zip(sets, n.tolist(), strict=True)} if named else int(n[0]),
+        "num_stats": sum(len(b) for b in stats) if stats else 0, "seconds": time.perf_counter() - start_time,
     }
-    result = PathResult(pts.numpy(), loss, acc, meta)
+    if named:
+        result = PathResult.from_sets(pts.numpy(), {k: (loss[i], acc[i]) for i, k in enumerate(sets)}, meta)
+        for part in result.sets.values():
+            part.warn_nonfinite()
+        return result
+    result = PathResult(pts.numpy(), loss[0], acc[0], meta)
     result.warn_nonfinite()
     return result
