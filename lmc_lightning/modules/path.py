@@ -102,7 +102,8 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor] | 
     meta = {**result.meta, "world_size": world, "num_samples": dict(zip(parts, total, strict=True)) if named
             else total[0]}
     if named:
-        return PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta)
+        return PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta,
+                                    length=result.length, end_time=result.end_time)
     return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
 
 
