@@ -6,8 +6,9 @@ Per seed: train a cue model (80% of each class carries its label's box) and a no
 rand_cue, rand_image); evaluate the linear path from the no-cue model (t=0) to the cue model (t=1) on the four sets
 (``configs/mmc/fmnist_lmc.yaml``). Writes ``results.json``, ``table.md`` and ``lmc_seed<k>.png`` into ``LMC_OUT``.
 
-Environment: ``LMC_SEEDS`` (default ``0,1,2``), ``LMC_EPOCHS`` (endpoint epochs, default 2; fine-tuning runs the
-config's 20 unless it is smaller), ``LMC_SUBSET`` (training samples of the endpoints; default all), ``LMC_OUT``.
+Environment: ``LMC_SEEDS`` (default ``0,1,2``; ``0`` with ``LMC_SUBSET``), ``LMC_EPOCHS`` (endpoint epochs,
+default 2; fine-tuning runs the config's 20 unless it is smaller), ``LMC_SUBSET`` (training samples of the endpoints;
+default all), ``LMC_OUT``.
 
     OMP_NUM_THREADS=1 python examples/03_mmc_finetune.py
 """
@@ -22,9 +23,9 @@ import numpy as np
 
 from lmc_lightning.cli import main
 
-SEEDS = [int(s) for s in os.environ.get("LMC_SEEDS", "0,1,2").split(",")]
-EPOCHS = int(os.environ.get("LMC_EPOCHS", "2"))
 SUBSET = os.environ.get("LMC_SUBSET")
+SEEDS = [int(s) for s in os.environ.get("LMC_SEEDS", "0" if SUBSET else "0,1,2").split(",")]
+EPOCHS = int(os.environ.get("LMC_EPOCHS", "2"))
 OUT = Path(os.environ.get("LMC_OUT", "runs/mmc_example"))
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mmc"
 METHODS = ("ft", "lp", "lpft", "cbft")

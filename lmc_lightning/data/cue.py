@@ -232,6 +232,8 @@ class CueDataModule(BaseDataModule):
         super().__init__(base_dm.root, base_dm.batch_size, base_dm.eval_batch_size, base_dm.num_workers,
                          base_dm.val_split, base_dm.train_subset, base_dm.subset_mode, base_dm.augment,
                          base_dm.normalize, False, base_dm.seed, base_dm.device_resident)
+        if isinstance(base, BaseDataModule):  # checkpoints keep plain types only (weights_only loading)
+            self.hparams.update(base=type(base).__name__, base_args=None)
         if cue not in CUES:
             raise ValueError(f"cue must be one of {CUES}, got {cue!r}.")
         for name, p in (("cue_proportion", cue_proportion), ("eval_proportion", eval_proportion)):

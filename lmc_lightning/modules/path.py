@@ -24,10 +24,11 @@ from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
 from lmc_lightning.weights.evaluate import evaluate_path
 from lmc_lightning.weights.paths import Path, check_compatible
+from lmc_lightning.weights.renorm import RenormOptions
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
-BN_MODES: tuple[str, ...] = ("reset", "repair", "rescale")
+BN_MODES: tuple[str, ...] = ("reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered")
 """Statistics modes of :func:`~lmc_lightning.weights.evaluate.evaluate_path`; ``bn`` also takes ``"auto"`` (reset
 where there is BatchNorm, nothing elsewhere) and None. A plain string checked against this set, so new modes only need
 adding here and in the evaluator."""
@@ -93,18 +94,22 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor] | 
         return result
     singles = list(result.sets.values()) if named else [result]
     n = torch.tensor([float(len(y)) for _, y in parts.values()], dtype=torch.float64)
-    sums = torch.stack([torch.as_tensor(np.stack([r.loss, r.accuracy])) for r in singles]) * n[:, None, None]
+    sums = torch.stack([torch.as_tensor(np.stack([r.loss, r.accuracy, r.meta.get("accuracy_top5", r.accuracy)]))
+                        for r in singles]) * n[:, None, None]
     device = trainer.strategy.root_device
     sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
     count = trainer.strategy.reduce(n.to(device), reduce_op="sum").cpu()
     mean = (sums / count[:, None, None]).numpy()
     total = [int(c) for c in count.tolist()]
     meta = {**result.meta, "world_size": world, "num_samples": dict(zip(parts, total, strict=True)) if named
-            else total[0]}
-    if named:
-        return PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta,
-                                    length=result.length, end_time=result.end_time)
-    return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
+            else total[0], "accuracy_top5": mean[0, 2].tolist()}
+    if not named:
+        return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
+    merged = PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta,
+                                  length=result.length, end_time=result.end_time)
+    for i, part in enumerate(merged.sets.values()):
+        part.meta["accuracy_top5"] = mean[i, 2].tolist()
+    return merged
 
 
 def point_label(coord: Sequence[float]) -> str:
@@ -125,7 +130,7 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
 
 
 EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
-                 "output_dir", "eval_sets", "eval_split")
+                 "output_dir", "renorm_options", "eval_sets", "eval_split")
 
 
 class PathModule(LMCModule):
@@ -143,9 +148,11 @@ class PathModule(LMCModule):
     Args:
         endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
         num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
-        bn: Recompute BatchNorm statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else
-            ``None``), ``"reset"`` (on training data), ``"repair"`` or ``"rescale"`` (see :data:`BN_MODES`);
-            ``None`` keeps the path's interpolated running statistics.
+        bn: Statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else ``None``),
+            ``"reset"`` (BN reset on training data), ``"reset_test"``, ``"repair"``, ``"rescale"`` (the
+            rethink-re-basin seed's, no centring), ``"reshift"`` or ``"rescale_centered"`` (mean-preserving) (see
+            :data:`BN_MODES` and :mod:`lmc_lightning.weights.renorm`); ``None`` keeps the path's interpolated
+            running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -168,6 +175,8 @@ class PathModule(LMCModule):
         eval_split: Split of the named sets: ``"test"`` or ``"train"``.
     """
 
+    renorm_options: RenormOptions | None = None
+    """Site rule and variants of ``bn`` re-normalisation (set by modules that expose them)."""
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
@@ -390,7 +399,7 @@ class PathModule(LMCModule):
             self.path, self.net, data, self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
-            strategy=self.eval_strategy,
+            strategy=self.eval_strategy, renorm_options=self.renorm_options,
         )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

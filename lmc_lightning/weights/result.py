@@ -101,7 +101,7 @@ class PathResult:
         if not values:
             raise ValueError("from_sets needs at least one named evaluation set.")
         meta = dict(meta or {})
-        sets = {str(name): cls(coords, lo, acc, meta, length=length, end_time=end_time)
+        sets = {str(name): cls(coords, lo, acc, dict(meta), length=length, end_time=end_time)
                 for name, (lo, acc) in values.items()}
         first = next(iter(sets.values()))
         return cls(first.coords, first.loss, first.accuracy, meta, sets, length, end_time)
