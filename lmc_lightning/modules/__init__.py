@@ -13,4 +13,5 @@ from lmc_lightning.modules.prune import PruneModule
 from lmc_lightning.modules.surface import SurfaceModule
 
 __all__ = ["ConnectorModule", "CurveModule", "EndpointModule", "EnsembleModule", "FineTuneModule",
-           "InterpolationModule", "LMCModule", "OptimConfig", "PairModule", "PathModule", "PruneModule", "SurfaceModule"]
+           "InterpolationModule", "LMCModule", "OptimConfig", "PairModule", "PathModule", "PruneModule",
+           "SurfaceModule"]
