@@ -9,6 +9,7 @@ LayerNorm, ReLU/GELU, pooling, Flatten), residual ``+``, ``torch.cat`` and ``F.s
 from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     fixup,
     mlp,
+    mmc_vgg,
     mobilenet,
     myrtle,
     preresnet,
@@ -18,6 +19,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     vit,
 )
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.nets.mmc_vgg import MMCVGG
 from lmc_lightning.nets.mobilenet import MobileNetV2
 from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
@@ -27,5 +29,5 @@ from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 from lmc_lightning.nets.vit import ViT
 
-__all__ = ["MLP", "VGG", "GaripovVGG", "MobileNetV2", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "ViT",
+__all__ = ["GaripovVGG", "MLP", "MMCVGG", "MobileNetV2", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "VGG", "ViT",
            "available", "get_net", "register", "resnet18", "resnet20"]
