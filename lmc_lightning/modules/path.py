@@ -151,6 +151,8 @@ class PathModule(LMCModule):
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
+    extra_eval_settings: ClassVar[tuple[str, ...]] = ()
+    """Subclass init args that are evaluation settings, kept out of the checkpoint like :data:`EVAL_SETTINGS`."""
 
     def __init__(
         self,
@@ -175,7 +177,7 @@ class PathModule(LMCModule):
                          label_smoothing=label_smoothing)
         # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
         # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
-        self.save_hparams(ignore=EVAL_SETTINGS)
+        self.save_hparams(ignore=(*EVAL_SETTINGS, *self.extra_eval_settings))
         self.endpoints = [str(e) for e in (endpoints or [])]
         if self.endpoints and len(self.endpoints) < self.min_endpoints:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_endpoints} endpoints, got "
