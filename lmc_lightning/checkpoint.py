@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lmc_lightning.nets import get_net
+from lmc_lightning.weights.paths import check_finite
 
 NetSpec = dict[str, Any]
 StateDict = dict[str, Tensor]
@@ -144,7 +145,8 @@ def load_weights(path: str | os.PathLike, prefix: str = "net",
         state dict.
 
     Raises:
-        ValueError: The file is not a checkpoint, or holds no weights under ``prefix``.
+        ValueError: The file is not a checkpoint, holds no weights under ``prefix``, or holds NaN/Inf weights
+            (naming the file and the tensor).
     """
     obj = _read(path)
     if not isinstance(obj, Mapping):
@@ -160,11 +162,13 @@ def load_weights(path: str | os.PathLike, prefix: str = "net",
                              f"state dict under {list(WRAPPER_KEYS)}; its top-level keys are {sorted(obj)[:10]}.")
         if state and all(k.startswith("module.") for k in state):
             state = apply_key_map(state, "dataparallel")
+        check_finite(state, f"Checkpoint {path}")
         return apply_key_map(state, key_map), None
     state = {k[len(head):]: v for k, v in obj["state_dict"].items() if k.startswith(head)}
     if not state:
         found = sorted({k.split(".")[0] for k in obj["state_dict"]})
         raise ValueError(f"{path} has no weights under '{prefix}'; its top-level modules are {found}.")
+    check_finite(state, f"Checkpoint {path} ({prefix})")
     hp = obj.get("hyper_parameters", {})
     spec = None
     if isinstance(hp.get("net"), str):

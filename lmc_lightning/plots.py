@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path as FilePath
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -13,12 +13,29 @@ from matplotlib.figure import Figure
 
 from lmc_lightning.io import atomic_write
 
-if TYPE_CHECKING:
-    from lmc_lightning.weights.result import PathResult
+
+class PathResult(Protocol):
+    """What a figure needs of a result (:class:`lmc_lightning.weights.result.PathResult` has it; this module does
+    not import it, so the dependency runs one way: ``weights.result -> plots``)."""
+
+    coords: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def ts(self) -> np.ndarray: ...
+
+    def barriers(self) -> dict[str, Any]: ...
 
 
 def _subtitle(result: PathResult) -> str:
     b = result.barriers()
+    bad = int((~(np.isfinite(result.loss) & np.isfinite(result.accuracy))).sum())
+    if bad:
+        return f"non-finite loss at {bad} point(s): no barrier"
     if b["loss_barrier"] is None:
         return ""
     return f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {100 * b['accuracy_barrier']:.2f} pts"

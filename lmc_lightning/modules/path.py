@@ -258,7 +258,21 @@ class PathModule(LMCModule):
         if int(spec.get("num_classes", self.num_classes)) != self.num_classes:
             raise ValueError(f"The endpoints have {spec['num_classes']} classes but the data has {self.num_classes}; "
                              "evaluate them on the dataset they were trained on.")
+        self._check_input_shape(spec)
         return spec
+
+    def _check_input_shape(self, spec: dict[str, Any]) -> None:
+        """Compare the endpoints' input shape with the attached datamodule's, before any data is read."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        data_shape = getattr(dm, "input_shape", None)
+        if data_shape is None or "in_channels" not in spec or "input_size" not in spec:
+            return
+        size = int(spec["input_size"])
+        ours = (int(spec["in_channels"]), size, size)
+        if tuple(int(d) for d in data_shape) != ours:
+            raise ValueError(f"The endpoints take inputs of shape {ours} (x in_channels, input_size) but "
+                             f"{type(dm).__name__} gives {tuple(data_shape)}; evaluate them on the dataset they were "
+                             "trained on (or pass --model.net_kwargs to override the stored architecture).")
 
     def load_endpoints(self) -> list[WeightDict]:
         """Read the endpoint weights, build the template net and check every endpoint against it.
@@ -351,8 +365,11 @@ class PathModule(LMCModule):
         folder = self.output_dir or self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             self.result_files = write_result(result, folder)
-            rank_zero_info(f"{type(self).__name__}: loss barrier {result.loss_barrier:.4f}, accuracy barrier "
-                           f"{result.accuracy_barrier:.4f}; wrote {', '.join(map(str, self.result_files.values()))}")
+            b = result.barriers()
+            summary = ("no barrier (non-finite loss at some points, see the warning)" if b["loss_barrier"] is None
+                       else f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {b['accuracy_barrier']:.4f}")
+            rank_zero_info(f"{type(self).__name__}: {summary}; wrote "
+                           f"{', '.join(map(str, self.result_files.values()))}")
 
     def log_result(self, result: PathResult) -> None:
         """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""
@@ -366,13 +383,14 @@ class PathModule(LMCModule):
 
 
 def summary_metrics(result: PathResult, prefix: str = "barrier") -> dict[str, float]:
-    """The barrier summary of a result as ``{prefix}/loss``, ``{prefix}/accuracy``, ``{prefix}/loss_mean``, ..."""
-    return {
-        f"{prefix}/loss": float(result.loss_barrier),
-        f"{prefix}/accuracy": float(result.accuracy_barrier),
-        f"{prefix}/loss_mean": float(result.loss_barrier_mean),
-        f"{prefix}/accuracy_mean": float(result.accuracy_barrier_mean),
-    }
+    """The barrier summary of a result as ``{prefix}/loss``, ``{prefix}/accuracy``, ``{prefix}/loss_mean``, ...
+
+    Empty when a point's loss is not finite (there is no barrier then; see :meth:`PathResult.barriers`).
+    """
+    b = result.barriers()
+    names = {"loss": "loss_barrier", "accuracy": "accuracy_barrier", "loss_mean": "loss_barrier_mean",
+             "accuracy_mean": "accuracy_barrier_mean"}
+    return {f"{prefix}/{short}": float(b[long]) for short, long in names.items() if b[long] is not None}
 
 
 def as_weight_dict(state: Mapping[str, Tensor]) -> WeightDict:

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.data import DataLoader, Dataset
 
 from lmc_lightning.weights import fused, renorm
-from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible
+from lmc_lightning.weights.data import materialize, seeded_subset, to_device as _move
+from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
@@ -56,27 +56,23 @@ _PRECISIONS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16"
 
 
 def _tensors(data: Any, split: str, what: str) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` from a pair of tensors, a datamodule with ``split_tensors``, or a map-style Dataset."""
-    if isinstance(data, Tensor) and split == "train":
-        return data, torch.zeros(len(data), dtype=torch.long)  # statistics need inputs only
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
-        x, y = data
-    elif hasattr(data, "split_tensors"):
-        x, y = data.split_tensors(split)
-    elif isinstance(data, Dataset):
-        batches = list(DataLoader(data, batch_size=1024, shuffle=False))
-        if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-            raise ValueError(f"{what}: a Dataset must yield (input, label) pairs.")
-        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    else:
-        raise TypeError(
-            f"{what} must be an (x, y) pair of tensors, a Dataset, or a datamodule with split_tensors(split)"
-            f"{' (or a tensor of inputs)' if split == 'train' else ''}; "
-            f"got {type(data).__name__}."
-        )
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{what}: got {len(x)} inputs and {len(y)} labels; need the same, non-zero number.")
-    return x, y
+    """``(x, y)`` of data in any form (:func:`~lmc_lightning.weights.data.materialize`); statistics (``"train"``)
+    need inputs only, so unlabelled training data gets placeholder labels."""
+    x, y = materialize(data, split, what=what, labels=split != "train")
+    return x, (y if y is not None else torch.zeros(len(x), dtype=torch.long))
+
+
+def _is_datamodule(data: Any) -> bool:
+    return hasattr(data, "split_tensors") or hasattr(data, "train_dataloader")
+
+
+def _probe(net: nn.Module, x: Tensor, name: str) -> None:
+    """Run two samples through ``net``: a clear error naming the input shape when the net cannot take them."""
+    try:
+        net(x[:2])
+    except RuntimeError as err:
+        raise ValueError(f"{name} cannot run on inputs of shape {tuple(x.shape[1:])}: "
+                         f"{str(err).splitlines()[0]}. Evaluate on data shaped like the net's training data.") from err
 
 
 def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
@@ -269,15 +265,6 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
             ev.add(batched(w, x), y, slice(start, stop))
 
 
-def seeded_subset(data: tuple[Tensor, Tensor], n: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """At most ``n`` samples of ``(x, y)``, drawn by a seeded permutation (the same on every rank)."""
-    x, y = data
-    if n is None or n >= len(x):
-        return x, y
-    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return x[index], y[index]
-
-
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
     """The same kind of path with endpoint 1 permuted into endpoint 0's basin."""
     from lmc_lightning.weights.permutation import align_weights
@@ -318,15 +305,17 @@ def evaluate_path(
     Args:
         path: A :class:`~lmc_lightning.weights.paths.Path` over full state dicts of ``net``. Not modified.
         net: The architecture (a private copy is evaluated; ``net`` is not modified).
-        data: Test data: an ``(x, y)`` pair of tensors, a Dataset, or a datamodule with ``split_tensors`` (its
-            ``"test"`` split; its ``"train"`` split serves for statistics when ``train_data`` is None).
+        data: Test data in any form :func:`~lmc_lightning.weights.data.materialize` accepts: ``(x, y)`` tensors, a
+            DataLoader or any iterable of ``(x, y)`` batches, a Dataset, or a datamodule (its ``"test"`` split; its
+            ``"train"`` split serves for statistics when ``train_data`` is None). Read once, moved to the device
+            once (a ``MemoryError`` naming the sizes when it does not fit).
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
         bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"repair"`` or ``"rescale"``
             (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
-        train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule), or a tensor of
-            inputs (labels are not needed).
+        train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
+            needed.
         bn_batches: Number of statistics batches.
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
         batch_size: Samples per forward pass when evaluating a point. Default: 1000, or on CUDA with the loop
@@ -349,6 +338,11 @@ def evaluate_path(
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
+        Points with a non-finite loss are reported with a ``RuntimeWarning`` and get no barrier.
+
+    Raises:
+        ValueError: Non-finite endpoint weights (naming the endpoint and tensor), or data the net cannot run on
+            (naming the input shape).
     """
     start_time = time.perf_counter()
     if bn not in (None, "reset", "repair", "rescale"):
@@ -366,13 +360,15 @@ def evaluate_path(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     pts = _coords(path, num_points, coords)
+    for i in range(path.num_fixed):
+        check_finite(path.endpoint(i), f"path endpoint {i}")
     if align is not None:
         path = _aligned_path(path, net, align, train_data if train_data is not None else data, align_samples, device)
 
     x_test, y_test = _tensors(data, "test", "data")
     stats_x = None
     if bn is not None:
-        if train_data is None and not hasattr(data, "split_tensors"):
+        if train_data is None and not _is_datamodule(data):
             raise ValueError(f"bn={bn!r} needs training data for statistics: pass train_data=(x, y) (or a "
                              "Dataset / datamodule), or pass a datamodule as data.")
         stats_x = _tensors(train_data if train_data is not None else data, "train", "train_data")[0]
@@ -390,14 +386,15 @@ def evaluate_path(
     channels_last = bf16 and has_conv and device.type == "cuda"
     chosen = choose_strategy(work, device) if strategy == "auto" else strategy
 
-    def to_device(x: Tensor) -> Tensor:
-        x = x.to(device, dtype=torch.bfloat16 if bf16 and x.is_floating_point() else None, non_blocking=True)
+    def to_device(x: Tensor, what: str = "data") -> Tensor:
+        x = _move(x, device, dtype=torch.bfloat16 if bf16 and x.is_floating_point() else None, what=what)
         return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
-    x_dev, y_dev = to_device(x_test), y_test.to(device)
-    stats = [to_device(b) for b in _stats_batches(stats_x, bn_batches, bn_batch_size)] if bn is not None else None
+    x_dev, y_dev = to_device(x_test), _move(y_test, device, what="data")
+    stats = ([to_device(b, "train_data") for b in _stats_batches(stats_x, bn_batches, bn_batch_size)]
+             if bn is not None else None)
     path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if fuse_norms is None:
@@ -406,6 +403,7 @@ def evaluate_path(
     model = fused.fuse_norms(work) if fuse_norms and chosen == "loop" and bn in (None, "reset") else None
 
     with torch.no_grad(), autocast, _cudnn_autotune(device):
+        _probe(work, x_dev, type(net).__name__)
         if batch_size is None:
             batch_size = _auto_batch_size(work if model is None else model, x_dev, device) if chosen == "loop" else 1000
         test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
@@ -434,4 +432,6 @@ def evaluate_path(
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
     }
-    return PathResult(pts.numpy(), loss, acc, meta)
+    result = PathResult(pts.numpy(), loss, acc, meta)
+    result.warn_nonfinite()
+    return result

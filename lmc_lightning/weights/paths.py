@@ -18,6 +18,18 @@ from torch import Tensor, nn
 WeightDict = dict[str, Tensor]
 
 
+def check_finite(theta: Mapping[str, Tensor], source: str = "weights") -> None:
+    """Raise a ValueError naming ``source`` and the first tensor holding NaN or Inf (floating tensors only).
+
+    A diverged endpoint would otherwise give NaN losses that read as a barrier of zero.
+    """
+    for key, value in theta.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kind = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+            raise ValueError(f"{source} has non-finite weights ({kind}) in '{key}': the run that wrote it diverged. "
+                             "Use a checkpoint from before the divergence, or retrain with a lower learning rate.")
+
+
 def check_compatible(*thetas: Mapping[str, Tensor], names: Sequence[str] | None = None, devices: bool = False) -> None:
     """Check that weight dicts share keys, shapes and dtypes (and devices, if asked).
 

@@ -145,7 +145,7 @@ def test_bad_inputs_are_clear_errors(bn_pair, data):
         evaluate_path(path, a, (x, y), strategy="fast")
     with pytest.raises(ValueError, match="bn must be"):
         evaluate_path(path, a, (x, y), bn="renorm")
-    with pytest.raises(TypeError, match="split_tensors"):
+    with pytest.raises(TypeError, match="datamodule, a Dataset, or an iterable"):
         evaluate_path(path, a, "test-set")
     big_conv = get_net("resnet20", num_classes=10, in_channels=3, width=4)  # 4.3M parameters
     small_conv = get_net("resnet20_ln", num_classes=10, in_channels=3, width=0.5)  # no BatchNorm to fuse

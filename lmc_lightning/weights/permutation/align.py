@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmc_lightning.weights.data import Data, materialize
 from lmc_lightning.weights.paths import check_compatible
 from lmc_lightning.weights.permutation.activation_matching import activation_matching
 from lmc_lightning.weights.permutation.apply import Permutation, apply_permutation
-from lmc_lightning.weights.permutation.batches import Data
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 from lmc_lightning.weights.permutation.ste import ste_matching
 from lmc_lightning.weights.permutation.trace import derive_spec
@@ -33,7 +33,9 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         theta_b: Weights to permute; the result computes the same function as ``theta_b``.
         method: ``"weight"`` (weight matching, no data), ``"activation"`` (activation correlations on ``data``) or
             ``"ste"`` (straight-through estimator on labelled ``data``).
-        data: Inputs for the data-driven methods: a tensor, ``(x, y)``, or an iterable of batches.
+        data: Inputs for the data-driven methods, in any form :func:`~lmc_lightning.weights.data.materialize`
+            accepts (a tensor, ``(x, y)``, a DataLoader or other iterable of batches, a Dataset, a datamodule: its
+            training split); read once and moved to ``device`` once (STE matching needs labels).
         spec: Permutation spec (default: ``derive_spec(net)``).
         seed: Seed of weight matching's group order.
         max_iter: Round limit of weight matching.
@@ -50,6 +52,13 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         raise TypeError(f"Unexpected argument(s) {sorted(ste_kwargs)} for method '{method}'.")
     check_compatible(theta_a, theta_b, names=["theta_a", "theta_b"])
     spec = spec if spec is not None else derive_spec(net)
+    if method != "weight":
+        if data is None:
+            raise ValueError(f"{method} matching needs data: pass data=x, (x, y), a DataLoader, a Dataset or a "
+                             "datamodule.")
+        where = device if device is not None else next(iter(theta_a.values())).device
+        x, y = materialize(data, "train", what="data", labels=method == "ste", device=where)
+        data = (x, y) if y is not None else x
     if method == "weight":
         perm = weight_matching(spec, theta_a, theta_b, max_iter=max_iter, seed=seed, device=device).perm
     elif method == "activation":

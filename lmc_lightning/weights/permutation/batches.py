@@ -3,49 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
-Data = Tensor | tuple[Tensor, Tensor] | Iterable[Any]
+from lmc_lightning.weights.data import Data, materialize
 
-
-def _is_xy(data: Any) -> bool:
-    return (isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
-            and data[1].ndim == 1 and len(data[0]) == len(data[1]) and not data[1].is_floating_point())
 
 
 def iter_batches(data: Data, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield ``(x, y)`` batches (``y`` None when unlabelled).
+    """Yield ``(x, y)`` batches of ``batch_size`` (``y`` None when unlabelled).
 
     Args:
-        data: A tensor of inputs, an ``(x, y)`` pair of tensors (both split into batches of ``batch_size``), or an
-            iterable of batches (a DataLoader, a list), each a tensor or a tuple/list/dict ``(x, y, ...)``.
-        batch_size: Batch size used to split tensors.
+        data: Any form :func:`~lmc_lightning.weights.data.materialize` accepts (a tensor of inputs, ``(x, y)``, a
+            DataLoader or other iterable of batches, a Dataset, a datamodule's training split); read once into
+            tensors, then split in order.
+        batch_size: Batch size.
     """
     if data is None:
-        raise ValueError("This alignment method needs data: pass data=x (a tensor of inputs), data=(x, y), or an "
-                         "iterable of batches such as a DataLoader.")
-    if isinstance(data, Tensor):
-        yield from ((x, None) for x in data.split(batch_size))
-        return
-    if _is_xy(data):
-        yield from zip(data[0].split(batch_size), data[1].split(batch_size), strict=True)
-        return
-    for batch in data:
-        if isinstance(batch, Tensor):
-            yield batch, None
-        elif isinstance(batch, Mapping):
-            x = batch.get("x", batch.get("input", batch.get("image")))
-            if x is None:
-                raise ValueError(f"Cannot find the inputs in a dict batch with keys {list(batch)}; use key 'x'.")
-            yield x, batch.get("y", batch.get("target", batch.get("label")))
-        elif isinstance(batch, tuple | list) and batch and isinstance(batch[0], Tensor):
-            yield batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            raise TypeError(f"A batch must be a tensor or a tuple (x, y, ...), got {type(batch).__name__}.")
+        raise ValueError("This alignment method needs data: pass data=x (a tensor of inputs), data=(x, y), a "
+                         "DataLoader, a Dataset or a datamodule.")
+    x, y = materialize(data, "train", what="data", labels=False)
+    ys = y.split(batch_size) if y is not None else [None] * math.ceil(len(x) / batch_size)
+    yield from zip(x.split(batch_size), ys, strict=True)
 
 
 @contextlib.contextmanager
