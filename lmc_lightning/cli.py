@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -43,8 +44,16 @@ class LMCLightningCLI(LightningCLI):
             _check_logger(logger)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run ``lmc fit|validate|test|predict``; ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks)."""
+def main(args: list[str] | None = None) -> LightningCLI | int:
+    """Run ``lmc fit|validate|test|predict``; ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks).
+
+    ``lmc reproduce ...`` goes to :func:`lmc_lightning.reproduce.main` and returns its exit status.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["reproduce"]:
+        from lmc_lightning.reproduce import main as reproduce
+
+        return reproduce(argv[1:])
     return LMCLightningCLI(
         LMCModule,
         BaseDataModule,
