@@ -1,6 +1,8 @@
 """``python -m lmc_lightning`` = ``lmc``."""
 
-from lmc_lightning.cli import main
+import sys
+
+from lmc_lightning.cli import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

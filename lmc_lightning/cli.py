@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import traceback
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -45,9 +47,11 @@ class LMCLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> LightningCLI | int:
-    """Run ``lmc fit|validate|test|predict``; ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks).
+    """Run ``lmc fit|validate|test|predict`` and return the CLI (its ``trainer``, ``model``, ``datamodule``).
 
-    ``lmc reproduce ...`` goes to :func:`lmc_lightning.reproduce.main` and returns its exit status.
+    ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks). Errors propagate as exceptions; the ``lmc``
+    console script is :func:`run`, which turns them into a message and an exit code. ``lmc reproduce ...`` goes to
+    :func:`lmc_lightning.reproduce.main` and returns its exit status (an int).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["reproduce"]:
@@ -64,3 +68,34 @@ def main(args: list[str] | None = None) -> LightningCLI | int:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "LMC_TRACEBACK"
+
+
+def run(args: list[str] | None = None) -> int:
+    """The ``lmc`` console script (and ``python -m lmc_lightning``): :func:`main`, with an exit code.
+
+    Returns 0 after a successful run. An error prints ``lmc: error: <type>: <message>`` to stderr first and returns
+    1; the traceback follows only when asked for (``--traceback`` anywhere in the arguments, or ``LMC_TRACEBACK=1``).
+    Argument errors exit with the parser's message and code 2, as before. ``lmc reproduce`` returns its own status
+    (1 when a figure misses its tolerance).
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    show_traceback = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != TRACEBACK_FLAG]
+    try:
+        result = main(argv)
+    except KeyboardInterrupt:
+        print("lmc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (every failure becomes a message and exit code 1)
+        message = str(err).strip() or repr(err)
+        print(f"lmc: error: {type(err).__name__}: {message}", file=sys.stderr)
+        if show_traceback:
+            traceback.print_exception(err, file=sys.stderr)
+        else:
+            print(f"(pass {TRACEBACK_FLAG} or set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0

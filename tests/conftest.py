@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +101,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_CPU_CHILD = "LMC_TEST_CPU_DDP_CHILD"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """Run ``cpu_ddp`` tests in a child pytest that cannot see a GPU, where one is present.
+
+    Multi-process CPU DDP forks (or spawns) gloo workers; in a process that has initialised CUDA, forking is unsafe
+    and the workers crashed (SIGSEGV) on a GPU machine. In the child (``CUDA_VISIBLE_DEVICES=""``) the test runs
+    exactly as on a CPU-only machine. Without CUDA the test runs in this process, as usual.
+    """
+    if item.get_closest_marker("cpu_ddp") is None or os.environ.get(_CPU_CHILD) or not torch.cuda.is_available():
+        return
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", _CPU_CHILD: "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", item.nodeid],
+                          cwd=item.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"{item.nodeid} failed in its CPU-only child process:\n{done.stdout[-6000:]}{done.stderr[-3000:]}",
+                    pytrace=False)
+    item.runtest = lambda: None  # passed in the child; nothing left to run here

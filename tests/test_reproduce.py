@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmc_lightning.cli import main
+from lmc_lightning.cli import main, run
 from lmc_lightning.reproduce import EXPERIMENTS, Check, Experiment, list_experiments, path_statistics
 
 TINY = {
@@ -62,7 +62,7 @@ def test_chain_runs_and_passes_then_fails_on_a_tighter_tolerance(tmp_path: Path,
 
     failing = {**TINY, "checks": [{**TINY["checks"][0], "tolerance": {"min": 100.1}}]}
     _write(root, failing)  # the finished steps are reused (.done); only the figures are judged again
-    assert main(["reproduce", "tiny/chain", "--root", str(root), "--out", str(out), *extra]) == 1
+    assert run(["reproduce", "tiny/chain", "--root", str(root), "--out", str(out), *extra]) == 1  # console script
     printed = capsys.readouterr().out
     assert "FAIL" in printed and "skipped" in printed and "FAILED: 0/1" in printed
 

@@ -115,6 +115,7 @@ def test_twin_reference_needs_a_pair_module(fake_fmnist_root: Path, tmp_path: Pa
         trainer.fit(EndpointModule(**NET), datamodule=_data(fake_fmnist_root))
 
 
+@pytest.mark.cpu_ddp
 def test_ddp_barrier_with_bn_reset_equals_single_process(fake_fmnist_root: Path, tmp_path: Path,
                                                          train_classifier) -> None:
     """2 CPU processes: each evaluates half of the data, BN statistics per point reset; same as one process."""

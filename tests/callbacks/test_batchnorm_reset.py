@@ -47,6 +47,7 @@ def test_single_process_reset_gives_exact_statistics(fake_fmnist_root: Path, tmp
     assert restored.num_resets == 1 and restored.last_step == 2
 
 
+@pytest.mark.cpu_ddp
 def test_ddp_two_processes_equal_single_process(fake_fmnist_root: Path, tmp_path: Path) -> None:
     """Each rank forwards half of the subset; the all-reduced statistics equal the whole subset's on both ranks."""
     mean, var = _expected(fake_fmnist_root)

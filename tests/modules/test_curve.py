@@ -32,6 +32,7 @@ def _logger(out: Path) -> list[str]:
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
+    kwargs.setdefault("accelerator", "cpu")  # CPU tests: the same numbers (and devices) on a GPU machine
     return pl.Trainer(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       default_root_dir=tmp_path, limit_val_batches=0, **kwargs)
 
@@ -240,23 +241,26 @@ def test_bad_arguments_are_clear_errors(modes: list[Path]) -> None:
         SurfaceModule(init_epochs=-1)
 
 
+class DDPCheck(Callback):
+    """Checks run on every rank (module level, so that ddp_spawn can pickle it)."""
+
+    def on_train_start(self, trainer, module) -> None:
+        ignored = trainer.strategy.model.parameters_to_ignore
+        assert {f"path.{n}" for n, _ in module.path.named_buffers()} <= ignored
+
+    def on_train_end(self, trainer, module) -> None:
+        total = torch.stack([p.detach().double().sum() for p in module.trainable_parameters()]).sum()
+        gathered = trainer.strategy.all_gather(total)
+        assert torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9), gathered
+        assert module.path.distance_to_linear().item() > 1e-6  # the bend was trained
+
+
+@pytest.mark.cpu_ddp
 def test_curve_under_two_process_ddp(modes: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     """Gradients of the bends are all-reduced (ranks agree); the frozen endpoints are not broadcast every step."""
-
-    class Check(Callback):
-        def on_train_start(self, trainer, module) -> None:
-            ignored = trainer.strategy.model.parameters_to_ignore
-            assert {f"path.{n}" for n, _ in module.path.named_buffers()} <= ignored
-
-        def on_train_end(self, trainer, module) -> None:
-            total = torch.stack([p.detach().double().sum() for p in module.trainable_parameters()]).sum()
-            gathered = trainer.strategy.all_gather(total)
-            assert torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9), gathered
-            assert module.path.distance_to_linear().item() > 1e-6  # the bend was trained
-
     ddp = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     model = CurveModule(endpoints=[str(p) for p in modes[:2]], optim=NO_DECAY)
     trainer = _trainer(tmp_path, max_epochs=-1, max_steps=3, strategy=ddp, devices=2, accelerator="cpu",
-                       callbacks=[Check()])
+                       callbacks=[DDPCheck()])
     trainer.fit(model, datamodule=FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32))
     assert trainer.state.finished  # the callback's checks ran on both ranks

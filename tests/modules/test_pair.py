@@ -115,6 +115,7 @@ def test_bad_arguments_are_clear_errors() -> None:
         PairModule(spawn_step=-1)
 
 
+@pytest.mark.cpu_ddp
 def test_spawn_under_two_process_ddp(fake_fmnist_root: Path, tmp_path: Path) -> None:
     """Before the spawn net_b gets no real gradient; DDP (find_unused_parameters off) must still run."""
     model = PairModule(**NET, spawn_step=1, same_data_order=False)
