@@ -4,6 +4,7 @@
 # Settings come from environment variables so a test can run this notebook on tiny settings.
 
 # %%
+# %matplotlib inline
 import os
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ import lightning.pytorch as pl
 import lmc_lightning as lmc
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EndpointModule, OptimConfig
+from lmc_lightning.plots import plot_result
 from lmc_lightning.weights.paths import Linear
 
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
@@ -37,3 +39,6 @@ result = lmc.evaluate_path(path, nets[0], data, num_points=11)
 print(f"loss barrier {result.loss_barrier:.4f}, accuracy barrier {result.accuracy_barrier:.4f}")
 result.to_csv(f"{OUT}/path.csv")
 result.plot(f"{OUT}/path.png")
+
+# %%
+plot_result(result, title="linear path between the two modes")

@@ -4,6 +4,7 @@
 # (1) the plain linear path, (2) after weight matching, (3) weight matching + REPAIR, (4) a fitted Bezier curve.
 
 # %%
+# %matplotlib inline
 import os
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ import lightning.pytorch as pl
 import lmc_lightning as lmc
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EndpointModule, OptimConfig
+from lmc_lightning.plots import plot_result
 from lmc_lightning.weights.curves import Bezier
 from lmc_lightning.weights.fit import fit_path
 from lmc_lightning.weights.paths import Linear
@@ -53,3 +55,9 @@ results["Bezier curve (1 bend)"] = lmc.evaluate_path(curve, net_a, data, num_poi
 for name, result in results.items():
     print(f"{name:26s} loss barrier {result.loss_barrier:7.4f}   accuracy barrier {result.accuracy_barrier:7.4f}")
     result.to_json(f"{OUT}/{name.replace(' ', '_').replace('+', 'and')}.json")
+
+# %%
+plot_result(results["linear"], title="linear path")
+
+# %%
+plot_result(results["weight matching + REPAIR"], title="weight matching + REPAIR")
