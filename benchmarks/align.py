@@ -1,14 +1,17 @@
-"""Benchmark weight matching against a straightforward reference measured in the same run.
+"""Benchmark weight matching: today's loop against the textbook reference and against the faster variants.
 
-Ours: ``lmc_lightning.weights.permutation.weight_matching`` (cost matrices in torch on ``--device``, A's rows
-unfolded once per group, one matmul per step). Reference: a plain per-layer Python loop that builds every cost
-matrix in numpy from scratch (move axis, reshape, permute the other axes, accumulate ``A @ B.T``), then calls scipy
-per step, with no batching. Both visit the groups in the same seeded order, so they take the same path; the table
-reports the time (and ours' share in scipy, ``lsa_s``), the rounds, the speed-up per round and how many groups
-ended with identical permutations.
+Ours: ``lmc_lightning.weights.permutation.weight_matching``. ``today`` runs it as it ran before the solver choice
+(``lazy=False, solver="scipy"``, both weight dicts resident on the device): every round solves every group with scipy.
+The variants, measured in the same run on the same pair of nets, are exact savings (``lazy``: a group whose cost
+matrix is unchanged since its last solve is not solved again, so the path is the same) and other solvers (``lap``
+when installed, ``auction``: our torch auction solver on the device), resident or streamed (``stream``: one group's
+tensors on the device at a time). For each: seconds, rounds, solves, peak device memory (CUDA), groups whose
+permutation equals today's, and the loss barrier at the midpoint of A and aligned B (with ``--train-steps``, both
+nets are first trained on real Fashion-MNIST so that the barrier means something). The textbook numpy reference
+(``--ref-max-iter``, a per-layer loop with scipy) is the older baseline of the README table.
 
-    python benchmarks/align.py --quick                 # tiny nets on CPU (seconds)
-    python benchmarks/align.py --device cuda           # mlp (width 2048), vgg16 and resnet20 at width 4
+    python benchmarks/align.py --quick                               # tiny nets on CPU (seconds)
+    python benchmarks/align.py --device cuda --nets vgg16 resnet20x16 --train-steps 150   # issue 15's targets
 """
 
 from __future__ import annotations
@@ -16,19 +19,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from lmc_lightning.nets import get_net
-from lmc_lightning.weights.permutation import PermutationSpec, derive_spec, weight_matching
+from lmc_lightning.weights.permutation import PermutationSpec, apply_permutation, derive_spec, weight_matching
+from lmc_lightning.weights.permutation.solvers import has_lap
 
 wm = importlib.import_module("lmc_lightning.weights.permutation.weight_matching")  # the module, not the function
 
-FULL = {"mlp": {"width": 2048, "depth": 3}, "vgg16": {"width": 4.0}, "resnet20": {"width": 4.0}}
-QUICK = {"mlp": {"width": 64, "depth": 3}, "vgg16": {"width": 0.125}, "resnet20": {"width": 0.5}}
-
+FULL = {"mlp": ("mlp", {"width": 2048, "depth": 3}), "vgg16": ("vgg16", {"width": 4.0}),
+        "resnet20": ("resnet20", {"width": 4.0}), "resnet20x16": ("resnet20", {"width": 16.0})}
+QUICK = {"mlp": ("mlp", {"width": 64, "depth": 3}), "vgg16": ("vgg16", {"width": 0.25}),
+         "resnet20": ("resnet20", {"width": 0.5}), "resnet20x16": ("resnet20", {"width": 2.0})}
 
 def reference_weight_matching(spec: PermutationSpec, theta_a: dict, theta_b: dict, max_iter: int = 100,
                               seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
@@ -68,15 +75,15 @@ def reference_weight_matching(spec: PermutationSpec, theta_a: dict, theta_b: dic
 
 
 class AssignmentTimer:
-    """Wraps ours' ``solve_assignment`` to measure the share of time spent in scipy (the floor of any speed-up)."""
+    """Wraps ``solve_assignment`` to measure the time spent in the assignment solver."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.inner = wm.solve_assignment
 
-    def __call__(self, cost: torch.Tensor) -> torch.Tensor:
+    def __call__(self, cost: torch.Tensor, solver: str = "scipy") -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.inner(cost)
+        out = self.inner(cost, solver)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -86,64 +93,169 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(name: str, kwargs: dict, device: torch.device, max_iter: int, ref_max_iter: int) -> dict:
-    """Time ours and (unless ``ref_max_iter`` is 0) the reference on two randomly initialised nets."""
-    torch.manual_seed(0)
-    net_a = get_net(name, **kwargs)
-    torch.manual_seed(1)
-    net_b = get_net(name, **kwargs)
-    theta_a = {k: v.to(device) for k, v in net_a.state_dict().items()}
-    theta_b = {k: v.to(device) for k, v in net_b.state_dict().items()}
-    t0 = time.perf_counter()
-    spec = derive_spec(net_a)
-    trace_s = time.perf_counter() - t0
+def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tensor]:
+    """Real Fashion-MNIST padded to 32x32 (first ``n_train`` training images, 2k test images) on ``device``."""
+    from lmc_lightning.data.idx import read_idx
+
+    root = "/usr/share/datasets/fashion-mnist/"
+
+    def load(prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(read_idx(f"{root}{prefix}-images-idx3-ubyte.gz")[:n]).float().div(255)
+        y = torch.from_numpy(read_idx(f"{root}{prefix}-labels-idx1-ubyte.gz")[:n]).long()
+        x = F.pad((x - 0.2860) / 0.3530, (2, 2, 2, 2)).unsqueeze(1)
+        return x.to(device), y.to(device)
+
+    (xt, yt), (xv, yv) = load("train", n_train), load("t10k", 2000)
+    return {"x_train": xt, "y_train": yt, "x_test": xv, "y_test": yv}
+
+
+def train(net: torch.nn.Module, data: dict, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    lr = 0.05 if any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) else 0.01
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    net.train()
+    for step in range(steps):
+        idx = torch.randint(len(data["x_train"]), (256,), generator=gen).to(data["x_train"].device)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * (1 - step / steps)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(data["x_train"].device.type, torch.bfloat16, enabled=data["x_train"].is_cuda):
+            loss = F.cross_entropy(net(data["x_train"][idx]), data["y_train"][idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+    net.eval()
+
+
+@torch.no_grad()
+def loss_of(net: torch.nn.Module, theta: dict, data: dict) -> float:
+    """Test loss of ``theta`` after a BN reset on 2048 training images (no-op for nets without BN)."""
+    net.load_state_dict(theta)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        net.train()
+        net(data["x_train"][:2048])
+    net.eval()
+    return float(F.cross_entropy(net(data["x_test"]), data["y_test"]))
+
+
+def barrier(net: torch.nn.Module, a: dict, b: dict, spec: PermutationSpec, perm: dict, data: dict,
+            ends: tuple[float, float]) -> float:
+    b_aligned = apply_permutation(b, spec, {g: p.to(next(iter(b.values())).device) for g, p in perm.items()})
+    mid = {k: (a[k] + b_aligned[k]) / 2 if a[k].is_floating_point() else a[k] for k in a}
+    return loss_of(net, mid, data) - sum(ends) / 2
+
+
+VARIANTS = {  # name -> weight_matching arguments
+    "today": {"lazy": False, "solver": "scipy", "workers": 1},
+    "lazy": {"lazy": True, "solver": "scipy", "workers": 1},
+    "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8},
+    "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1},
+    "lazy+lap+threads": {"lazy": True, "solver": "lap", "workers": 8},
+    "lazy+auction": {"lazy": True, "solver": "auction", "workers": 1},
+    "stream+threads": {"lazy": True, "solver": "scipy", "workers": 8, "stream": True},
+    "stream": {"lazy": True, "solver": "scipy", "workers": 1, "stream": True},
+}
+
+
+def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, variants: list[str],
+          data: dict | None, steps: int, quick: bool) -> Iterator[dict]:
+    """Time every variant (and, unless ``ref_max_iter`` is 0, the textbook reference) on one pair of nets."""
+    name, kwargs = (QUICK if quick else FULL)[label]
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = get_net(name, num_classes=10, in_channels=1 if data else 3, input_size=32, **kwargs).to(device)
+        if data is not None and steps:
+            train(net, data, steps, seed)
+        nets.append(net)
+    theta_a = {k: v.detach().clone() for k, v in nets[0].state_dict().items()}
+    theta_b = {k: v.detach().clone() for k, v in nets[1].state_dict().items()}
+    ends = (loss_of(nets[0], theta_a, data), loss_of(nets[0], theta_b, data)) if data is not None else None
+    if ends is not None:
+        print(f"# {label}: endpoint test losses {ends[0]:.4f} {ends[1]:.4f} after {steps} steps", flush=True)
+    spec = derive_spec(nets[0])
     weight_matching(spec, theta_a, theta_b, max_iter=1)  # warm-up (CUDA context, kernels)
-    sync(device)
-    timer = wm.solve_assignment = AssignmentTimer()
-    try:
-        t0 = time.perf_counter()
-        ours = weight_matching(spec, theta_a, theta_b, max_iter=max_iter)
-        sync(device)
-        ours_s = time.perf_counter() - t0
-    finally:
-        wm.solve_assignment = timer.inner
-    row = {"net": name, "params": sum(p.numel() for p in net_a.parameters()), "groups": len(spec.groups),
-           "trace_s": trace_s, "ours_s": ours_s, "lsa_s": timer.seconds, "rounds": ours.rounds}
+    today, first = None, None
+    for variant in variants:
+        args = dict(VARIANTS[variant])
+        a, b = theta_a, theta_b
+        if args.get("stream"):
+            a = {k: v.cpu() for k, v in a.items()}
+            b = {k: v.cpu() for k, v in b.items()}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        timer = wm.solve_assignment = AssignmentTimer()
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            result = weight_matching(spec, a, b, max_iter=max_iter, device=device, **args)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        finally:
+            wm.solve_assignment = timer.inner
+        row = {"net": label, "variant": variant, "params": sum(p.numel() for p in nets[0].parameters()),
+               "groups": len(spec.groups), "s": seconds, "lsa_s": timer.seconds, "rounds": result.rounds,
+               "solves": result.solves, "objective": result.objective}
+        if device.type == "cuda":
+            row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        today = today or result
+        row["agree"] = sum(torch.equal(result.perm[g], today.perm[g]) for g in spec.groups)
+        if ends is not None:
+            row["barrier"] = barrier(nets[0], theta_a, theta_b, spec, result.perm, data, ends)
+            row["naive"] = barrier(nets[0], theta_a, theta_b, spec, {g: torch.arange(len(p)) for g, p in
+                                                                    result.perm.items()}, data, ends)
+        first = first or row
+        yield row
     if ref_max_iter:
         t0 = time.perf_counter()
         ref_perm, ref_rounds = reference_weight_matching(spec, theta_a, theta_b, max_iter=ref_max_iter)
-        row.update(ref_s=time.perf_counter() - t0, ref_rounds=ref_rounds,
-                   agree=sum(np.array_equal(ours.perm[g].numpy(), ref_perm[g]) for g in spec.groups))
-    return row
+        yield {"net": label, "variant": "textbook", "s": time.perf_counter() - t0, "rounds": ref_rounds,
+               "groups": len(spec.groups), "params": first["params"],
+               "agree": sum(np.array_equal(today.perm[g].numpy(), ref_perm[g]) for g in spec.groups)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the reference always runs on the CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny widths, for a CPU smoke run")
-    parser.add_argument("--nets", nargs="+", default=list(FULL), choices=list(FULL))
+    parser.add_argument("--nets", nargs="+", default=["vgg16", "resnet20x16"], choices=list(FULL))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="default: today, lazy, lazy+lap (if installed), and on CUDA lazy+auction, stream+auction")
     parser.add_argument("--max-iter", type=int, default=100)
-    parser.add_argument("--ref-max-iter", type=int, default=None,
-                        help="round limit of the reference (default --max-iter; 0 skips it); speed-up is per round")
+    parser.add_argument("--ref-max-iter", type=int, default=0,
+                        help="round limit of the textbook numpy reference (0, the default, skips it)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="SGD steps on real Fashion-MNIST per net before matching (0: random nets, no barrier)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sizes = QUICK if args.quick else FULL
-    ref_max_iter = args.max_iter if args.ref_max_iter is None else args.ref_max_iter
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}"
-          + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
-    print(f"{'net':9s} {'width':>6s} {'params':>11s} {'groups':>6s} {'trace_s':>7s} {'ours_s':>8s} {'lsa_s':>8s} "
-          f"{'rounds':>6s} {'ref_s':>8s} {'ref_rnd':>7s} {'speedup':>8s} {'agree':>6s}")
-    for name in args.nets:
-        r = bench(name, sizes[name], device, args.max_iter, ref_max_iter)
-        ref = f"{'-':>8s} {'-':>7s} {'-':>8s} {'-':>6s}"
-        if "ref_s" in r:
-            speedup = (r["ref_s"] / r["ref_rounds"]) / (r["ours_s"] / r["rounds"])
-            ref = f"{r['ref_s']:8.3f} {r['ref_rounds']:7d} {speedup:7.2f}x {r['agree']:3d}/{r['groups']:<2d}"
-        print(f"{r['net']:9s} {sizes[name]['width']:6g} {r['params']:11,d} {r['groups']:6d} {r['trace_s']:7.3f} "
-              f"{r['ours_s']:8.3f} {r['lsa_s']:8.3f} {r['rounds']:6d} {ref}", flush=True)
+    variants = args.variants or (["today", "lazy", "lazy+threads"] + (["lazy+lap+threads"] if has_lap() else [])
+                                 + (["lazy+auction", "stream+threads"] if device.type == "cuda" else ["stream"]))
+    data = fmnist(device) if args.train_steps else None
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()}"
+          + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
+    print(f"{'net':12s} {'variant':15s} {'params':>11s} {'groups':>6s} {'s':>8s} {'lsa_s':>7s} {'rounds':>6s} "
+          f"{'solves':>6s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s}")
+    for label in args.nets:
+        t_data = time.perf_counter()
+        base = None
+        for r in bench(label, device, args.max_iter, args.ref_max_iter, variants, data, args.train_steps,
+                       args.quick):
+            base = base or r["s"]
+            fmt = lambda key, spec, r=r: format(r[key], spec) if key in r else "-"
+            print(f"{r['net']:12s} {r['variant']:15s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
+                  f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} {base / r['s']:6.2f}x "
+                  f"{r['agree']:3d}/{r['groups']:<2d} {fmt('peak_mib', '8.1f'):>8s} {fmt('barrier', '8.4f'):>8s} "
+                  f"{fmt('naive', '7.3f'):>7s}", flush=True)
+        print(f"# {label}: {time.perf_counter() - t_data:.1f} s in all (training, matching, barriers)", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.modules.curve import CurveModule
 from lmc_lightning.modules.endpoint import EndpointModule
+from lmc_lightning.modules.ensemble import EnsembleModule
 from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
 from lmc_lightning.modules.surface import SurfaceModule
 
-__all__ = ["CurveModule", "EndpointModule", "InterpolationModule", "LMCModule", "OptimConfig", "PairModule",
-           "PathModule", "SurfaceModule"]
+__all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "InterpolationModule", "LMCModule",
+           "OptimConfig", "PairModule", "PathModule", "SurfaceModule"]

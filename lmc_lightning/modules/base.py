@@ -25,7 +25,9 @@ class OptimConfig:
         weight_decay: L2 penalty (decoupled for AdamW).
         betas: Adam/AdamW betas.
         scheduler: ``"constant"``, ``"multistep"`` (decay by ``gamma`` at ``milestones``), ``"cosine"`` (to 0 at the
-            end of training) or ``"onecycle"`` (linear up for ``warmup_epochs`` or 30%, cosine down).
+            end of training), ``"onecycle"`` (linear up for ``warmup_epochs`` or 30%, cosine down) or ``"garipov"``
+            (as in Garipov et al. and Anokhin & Yarotsky's ``train.py``: per epoch, with ``a = epoch / epochs``,
+            factor 1 for ``a <= 0.5``, ``1 - 0.99 (a - 0.5) / 0.4`` for ``a <= 0.9``, then 0.01).
         milestones: Epochs (may be fractional) at which ``multistep`` multiplies the rate by ``gamma``.
         gamma: Decay factor for ``multistep``.
         warmup_epochs: Linear warm-up from 0 over this many epochs (fractional allowed), before any schedule.
@@ -37,7 +39,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: Literal["constant", "multistep", "cosine", "onecycle"] = "cosine"
+    scheduler: Literal["constant", "multistep", "cosine", "onecycle", "garipov"] = "cosine"
     milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -72,10 +74,22 @@ class OptimConfig:
         if self.scheduler == "multistep":
             epoch = step / max(steps_per_epoch, 1e-12)
             return self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.scheduler == "garipov":
+            return garipov_factor(int(step // max(steps_per_epoch, 1e-12)), total_steps / max(steps_per_epoch, 1e-12))
         if self.scheduler in ("cosine", "onecycle"):
             progress = (step - warm) / max(total_steps - warm, 1)
             return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
         return 1.0
+
+
+def garipov_factor(epoch: int, epochs: float) -> float:
+    """Garipov et al.'s learning-rate factor at 0-based ``epoch`` of ``epochs``."""
+    alpha = epoch / max(epochs, 1e-12)
+    if alpha <= 0.5:
+        return 1.0
+    if alpha <= 0.9:
+        return 1.0 - (alpha - 0.5) / 0.4 * 0.99
+    return 0.01
 
 
 def as_optim(optim: OptimConfig | dict[str, Any] | None) -> OptimConfig:

@@ -9,7 +9,10 @@ from lmc_lightning.nets.registry import register
 
 
 class MLP(nn.Module):
-    """``Flatten -> [Linear(width) -> ReLU] * depth -> Linear(num_classes)``.
+    """``Flatten -> [Linear(width) -> ReLU] * depth -> Linear(num_classes)``, or hidden sizes from ``widths``.
+
+    ``widths`` gives non-uniform nets, e.g. Anokhin & Yarotsky's ``Linear3NoBias`` (3072-6144-2000-10) is
+    ``get_net("mlp", widths=[6144, 2000], bias=False)`` and ``LinearOneLayer100`` is ``widths=[100]``.
 
     Args:
         num_classes: Output size.
@@ -18,17 +21,22 @@ class MLP(nn.Module):
         depth: Number of hidden layers (0 gives a linear classifier).
         width: Units per hidden layer.
         bias: Give every Linear layer a bias (False: a bias-free net).
+        widths: Hidden layer sizes, one per hidden layer; when given, ``depth`` and ``width`` are ignored.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32, depth: int = 3,
-                 width: int = 512, bias: bool = True) -> None:
+                 width: int = 512, bias: bool = True, widths: list[int] | None = None) -> None:
         super().__init__()
         check_common(num_classes, in_channels, input_size)
-        check_int("depth", depth, 0)
-        check_int("width", width, 1)
+        if widths is None:
+            check_int("depth", depth, 0)
+            check_int("width", width, 1)
+            widths = [width] * depth
+        for w in widths:
+            check_int("widths entries", w, 1)
         layers: list[nn.Module] = []
         fan_in = in_channels * input_size**2
-        for _ in range(depth):
+        for width in widths:
             layers += [nn.Linear(fan_in, width, bias=bias), nn.ReLU(inplace=False)]
             fan_in = width
         self.flatten = nn.Flatten()

@@ -1,16 +1,19 @@
 """Paths in weight space: maps from coordinates (t, or (u, v)) to a weight dict.
 
-Every path here is a linear combination of control points, ``theta(c) = sum_i w_i(c) * P_i``, with
+:class:`Path` and its subclasses are linear combinations of control points, ``theta(c) = sum_i w_i(c) * P_i``, with
 coefficients ``w(c)`` given by the path type (line, arc, Bernstein basis, ...). Some control points are fixed (the
 endpoints or corner modes, frozen buffers) and some are free (``nn.Parameter``s a curve module may train).
 Non-floating tensors such as ``num_batches_tracked`` are carried over from the first endpoint, not interpolated.
+:class:`NonlinearPath` (:class:`FunctionPath`, :class:`PointsPath`) covers curves that are not: weight-adjusted and
+step-wise connections (:mod:`lmc_lightning.weights.connect`) on ``[0, end_time]``.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -253,15 +256,170 @@ class Linear(Path):
         return torch.stack([1 - t, t], dim=1)
 
 
-class Arc(Path):
-    """The arc ``cos(pi t / 2) * theta_a + sin(pi t / 2) * theta_b`` (Anokhin & Yarotsky's arc connection).
+def neuron_center(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> WeightDict:
+    """Per-tensor neuron mean of two weight dicts, the centre of Anokhin & Yarotsky's ``arc_connect``.
 
-    Meaningful when both endpoints are samples of the same zero-mean distribution, e.g. outputs of a point finder.
+    A tensor of two or more dims is a set of neuron samples, one row per output unit (dim 0): the centre is the mean
+    row over all ``2n`` rows of both tensors, broadcast back to the tensor's shape. 1-D (and 0-D) tensors, such as
+    biases, are one sample each: the centre is ``(a + b) / 2``. Non-floating tensors are taken from ``theta_a``.
+    """
+    out: WeightDict = {}
+    for key, a in theta_a.items():
+        b = theta_b[key]
+        if not torch.is_floating_point(a):
+            out[key] = a
+        elif a.dim() >= 2:
+            out[key] = torch.cat([a, b]).mean(0, keepdim=True).expand_as(a).clone()
+        else:
+            out[key] = (a + b) / 2
+    return out
+
+
+class Arc(Path):
+    """The arc of Anokhin & Yarotsky: ``mu + cos(pi t / 2) (theta_a - mu) + sin(pi t / 2) (theta_b - mu)``.
+
+    With ``centered=False`` (the default, this library's original form) ``mu = 0``: the arc on the raw weights,
+    meaningful when both endpoints are samples of the same zero-mean distribution. With ``centered=True`` it is the
+    seed's ``arc_connect`` applied to every tensor on its own (Anokhin & Yarotsky's ``PointFinderSimultaneous``
+    with ``arc_connect``): ``mu`` is :func:`neuron_center` (the mean row of each weight tensor over both endpoints'
+    output units; ``(a + b) / 2`` for biases). An explicit ``center`` dict gives any other centre (the neuron-sample
+    views of :mod:`lmc_lightning.weights.connect` use it). Both forms are linear combinations of fixed control points
+    (``theta_a``, ``theta_b``, ``mu`` with coefficients ``cos``, ``sin``, ``1 - cos - sin``), so the evaluator's fast
+    path applies.
+
+    Args:
+        theta_a: Weights at ``t = 0``.
+        theta_b: Weights at ``t = 1``.
+        centered: Centre every tensor on its neuron mean (:func:`neuron_center`).
+        center: An explicit centre ``mu`` (same keys and shapes); overrides ``centered``.
     """
 
-    def __init__(self, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
-        super().__init__([theta_a, theta_b])
+    def __init__(self, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], centered: bool = False,
+                 center: Mapping[str, Tensor] | None = None) -> None:
+        if center is None and centered:
+            check_compatible(theta_a, theta_b, names=["theta_a", "theta_b"])
+            center = neuron_center(theta_a, theta_b)
+        self.centered = center is not None
+        super().__init__([theta_a, theta_b] + ([dict(center)] if center is not None else []))
 
     def coefficients(self, coords: Tensor) -> Tensor:
-        t = coords[:, 0] * (math.pi / 2)
-        return torch.stack([torch.cos(t), torch.sin(t)], dim=1)
+        t = coords[:, 0].to(torch.float64) * (math.pi / 2)
+        cos, sin = torch.cos(t), torch.sin(t)
+        # exact endpoints: cos(pi/2) is 6e-17 in floating point, not 0
+        cos = torch.where(coords[:, 0] == 1, torch.zeros_like(cos), cos)
+        sin = torch.where(coords[:, 0] == 0, torch.zeros_like(sin), sin)
+        cols = [cos, sin] + ([1 - cos - sin] if self.centered else [])
+        return torch.stack(cols, dim=1)
+
+    def center(self) -> WeightDict | None:
+        """The centre ``mu`` (None for the uncentred arc)."""
+        if not self.centered:
+            return None
+        out = {k: getattr(self.fixed_store, _slot(k))[2] for k in self.float_keys}
+        out.update({k: getattr(self.other_store, _slot(k)) for k in self.keys_ if k not in self.float_keys})
+        return {k: out[k] for k in self.keys_}
+
+
+class NonlinearPath(ABC):
+    """A curve whose weights at ``t`` are not a fixed linear combination of control points.
+
+    Anokhin & Yarotsky's weight-adjusted and step-wise paths are nonlinear in ``t`` (least-squares re-fits, piecewise
+    definitions on ``[0, end_time]``). :func:`~lmc_lightning.weights.evaluate.evaluate_path` evaluates them point by
+    point through :meth:`weights_at`, with the same BN reset / REPAIR machinery as linear paths. Subclasses implement
+    :meth:`weights_at`; :class:`FunctionPath` wraps a callable and :class:`PointsPath` holds precomputed points.
+
+    Attributes:
+        end_time: The path runs over ``t`` in ``[0, end_time]``; ``weights_at(end_time)`` is the second endpoint.
+    """
+
+    dim: int = 1
+    end_time: float = 1.0
+
+    @abstractmethod
+    def weights_at(self, t: float) -> WeightDict:
+        """Weights at ``t`` in ``[0, end_time]`` (full state dict of the net)."""
+
+    def __call__(self, t: float | Tensor) -> WeightDict:
+        return self.weights_at(float(t))
+
+    def check_t(self, t: float) -> float:
+        """``t`` as a float, or a ValueError when it lies outside ``[0, end_time]``."""
+        t = float(t)
+        if not -1e-9 <= t <= self.end_time + 1e-9:
+            raise ValueError(f"t={t:g} lies outside this path's range [0, {self.end_time:g}].")
+        return min(max(t, 0.0), float(self.end_time))
+
+    def endpoint(self, i: int) -> WeightDict:
+        """Weights at ``t = 0`` (``i = 0``) or ``t = end_time`` (``i = 1``)."""
+        if i not in (0, 1):
+            raise ValueError(f"A curve has endpoints 0 and 1, got {i}.")
+        return self.weights_at(0.0 if i == 0 else float(self.end_time))
+
+    @property
+    def keys_(self) -> list[str]:
+        """Keys of the weight dicts."""
+        return list(self.endpoint(0))
+
+    def stacked(self, coords: Sequence[float] | Tensor) -> WeightDict:
+        """Weights at many points, stacked along a leading dim."""
+        ts = torch.as_tensor(coords, dtype=torch.float64).reshape(-1).tolist()
+        points = [self.weights_at(t) for t in ts]
+        return {k: torch.stack([p[k] for p in points]) for k in points[0]}
+
+    def precompute(self, coords: Sequence[float] | Tensor) -> PointsPath:
+        """A :class:`PointsPath` holding this path's weights at ``coords`` (computed once)."""
+        ts = torch.as_tensor(coords, dtype=torch.float64).reshape(-1).tolist()
+        return PointsPath(ts, [self.weights_at(t) for t in ts], end_time=self.end_time)
+
+
+class FunctionPath(NonlinearPath):
+    """A nonlinear path given by a function ``t -> weight dict`` on ``[0, end_time]``.
+
+    Args:
+        fn: Returns the full weight dict at ``t``.
+        end_time: Right end of the parameter range.
+    """
+
+    def __init__(self, fn: Callable[[float], Mapping[str, Tensor]], end_time: float = 1.0) -> None:
+        if end_time <= 0:
+            raise ValueError(f"end_time must be positive, got {end_time}.")
+        self.fn, self.end_time = fn, float(end_time)
+
+    def weights_at(self, t: float) -> WeightDict:
+        return dict(self.fn(self.check_t(t)))
+
+
+class PointsPath(NonlinearPath):
+    """Precomputed weights at increasing ``ts``; exact there, linear between neighbouring points.
+
+    Args:
+        ts: Increasing parameter values; the first must be 0.
+        points: One weight dict per value of ``ts``.
+        end_time: Right end of the range (default: the last of ``ts``).
+    """
+
+    def __init__(self, ts: Sequence[float], points: Sequence[Mapping[str, Tensor]], end_time: float | None = None
+                 ) -> None:
+        ts = [float(t) for t in ts]
+        if len(ts) != len(points) or len(ts) < 2:
+            raise ValueError(f"PointsPath needs at least 2 points and one t per point; got {len(ts)} values of t "
+                             f"and {len(points)} weight dicts.")
+        if ts[0] != 0 or any(b <= a for a, b in zip(ts[:-1], ts[1:], strict=True)):
+            raise ValueError("PointsPath ts must start at 0 and increase strictly.")
+        check_compatible(*points, names=[f"point {i}" for i in range(len(points))])
+        self.ts, self.points = ts, [dict(p) for p in points]
+        self.end_time = float(end_time if end_time is not None else ts[-1])
+        if abs(self.end_time - ts[-1]) > 1e-9:
+            raise ValueError(f"The last of ts ({ts[-1]:g}) must be end_time ({self.end_time:g}).")
+
+    def weights_at(self, t: float) -> WeightDict:
+        t = self.check_t(t)
+        j = bisect.bisect_left(self.ts, t - 1e-12)
+        if j < len(self.ts) and abs(self.ts[j] - t) <= 1e-12:
+            return dict(self.points[j])
+        a, b = self.points[j - 1], self.points[j]
+        s = (t - self.ts[j - 1]) / (self.ts[j] - self.ts[j - 1])
+        return {k: torch.lerp(a[k], b[k], s) if torch.is_floating_point(a[k]) else a[k] for k in a}
+
+
+AnyPath = Path | NonlinearPath

@@ -22,6 +22,11 @@ from lmc_lightning.modules import EndpointModule, OptimConfig
         (OptimConfig(scheduler="cosine", warmup_epochs=1), 4, 0.5),  # step 5 of a 10-step warm-up
         (OptimConfig(scheduler="onecycle"), 14, 0.5),  # 30 warm-up steps: linear up
         (OptimConfig(scheduler="onecycle"), 100, 0.0),
+        # Garipov: 10 epochs of 10 steps; factor 1 to epoch 5, 1 - 0.99 (a - 0.5) / 0.4 to epoch 9, then 0.01
+        (OptimConfig(scheduler="garipov"), 59, 1.0),
+        (OptimConfig(scheduler="garipov"), 60, 1 - 0.99 * 0.25),  # epoch 6: a = 0.6
+        (OptimConfig(scheduler="garipov"), 85, 1 - 0.99 * 0.75),  # epoch 8: a = 0.8
+        (OptimConfig(scheduler="garipov"), 99, 0.01),  # epoch 9: a = 0.9 -> 0.01
     ],
 )
 def test_schedule_factors(optim: OptimConfig, step: int, expected: float) -> None:

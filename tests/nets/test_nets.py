@@ -252,3 +252,29 @@ def test_register_rejects_bad_factories() -> None:
     register("not_a_module")(lambda num_classes, in_channels, input_size: "oops")
     with pytest.raises(TypeError, match="returned str, expected an nn.Module"):
         get_net("not_a_module")
+
+
+def test_mlp_widths_builds_the_seeds_fc_nets() -> None:
+    net = get_net("mlp", num_classes=10, in_channels=3, input_size=32, widths=[6144, 2000], bias=False)
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(6144, 3072), (2000, 6144), (10, 2000)]  # the seed's Linear3NoBias
+    one = get_net("mlp", num_classes=10, in_channels=1, input_size=28, widths=[2000])
+    assert [tuple(p.shape) for p in one.parameters()] == [(2000, 784), (2000,), (10, 2000), (10,)]
+    with pytest.raises(ValueError, match="widths entries"):
+        get_net("mlp", widths=[0])
+
+
+def test_garipov_vgg16_layout_and_init() -> None:
+    torch.manual_seed(0)
+    net = get_net("vgg16_garipov", num_classes=10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) == 13 and [tuple(m.weight.shape) for m in linears] == [(512, 512), (512, 512), (10, 512)]
+    assert all(m.bias is not None for m in convs) and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 2
+    w = convs[-1].weight  # N(0, sqrt(2 / (9 * 512)))
+    assert w.std().item() == pytest.approx((2 / (9 * 512)) ** 0.5, rel=0.02)
+    assert sum(p.numel() for p in net.parameters()) == 15_245_130
+    assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert get_net("vgg16_garipov", num_classes=10, in_channels=1, input_size=28)(torch.randn(2, 1, 28, 28)).shape \
+        == (2, 10)

@@ -13,6 +13,7 @@ from lmc_lightning.weights.data import Data, materialize
 from lmc_lightning.weights.paths import check_compatible
 from lmc_lightning.weights.permutation.activation_matching import activation_matching
 from lmc_lightning.weights.permutation.apply import Permutation, apply_permutation
+from lmc_lightning.weights.permutation.check import check_equivalence, probe_input
 from lmc_lightning.weights.permutation.spec import PermutationSpec
 from lmc_lightning.weights.permutation.ste import ste_matching
 from lmc_lightning.weights.permutation.trace import derive_spec
@@ -24,7 +25,8 @@ METHODS = ("weight", "activation", "ste")
 def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                   method: str = "weight", data: Data | None = None, spec: PermutationSpec | None = None,
                   seed: int = 0, max_iter: int = 100, batch_size: int = 256,
-                  device: str | torch.device | None = None, **ste_kwargs: Any) -> tuple[dict[str, Tensor], Permutation]:
+                  device: str | torch.device | None = None, check: bool = True, probe: Tensor | None = None,
+                  solver: str = "auto", **ste_kwargs: Any) -> tuple[dict[str, Tensor], Permutation]:
     """Permute weight dict ``theta_b`` into the basin of ``theta_a``.
 
     Args:
@@ -41,6 +43,12 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         max_iter: Round limit of weight matching.
         batch_size: Batch size when ``data`` is given as tensors.
         device: Device for the computation (default: that of ``theta_a``).
+        check: Check that the permuted weights compute the same function as ``theta_b`` on a probe batch (float64;
+            see :func:`~lmc_lightning.weights.permutation.check.check_equivalence`); raises
+            :class:`~lmc_lightning.weights.permutation.check.EquivalenceError` naming the group and layer if not.
+        probe: Inputs for the check (default: the first few of ``data``, else random inputs of a guessed shape).
+        solver: Linear assignment solver of weight matching (see
+            :func:`~lmc_lightning.weights.permutation.solvers.solve_assignment`).
         **ste_kwargs: Further arguments of :func:`ste_matching` (``epochs``, ``lr``, ``loss_fn``, ...).
 
     Returns:
@@ -60,12 +68,15 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         x, y = materialize(data, "train", what="data", labels=method == "ste", device=where)
         data = (x, y) if y is not None else x
     if method == "weight":
-        perm = weight_matching(spec, theta_a, theta_b, max_iter=max_iter, seed=seed, device=device).perm
+        perm = weight_matching(spec, theta_a, theta_b, max_iter=max_iter, seed=seed, device=device,
+                               solver=solver).perm
     elif method == "activation":
         perm = activation_matching(net, spec, theta_a, theta_b, data, batch_size=batch_size, device=device)
     else:
         perm = ste_matching(net, spec, theta_a, theta_b, data, batch_size=batch_size, seed=seed, max_iter=max_iter,
                             device=device, **ste_kwargs)
+    if check:
+        check_equivalence(net, theta_b, spec, perm, probe if probe is not None else probe_input(net, data))
     return apply_permutation(theta_b, spec, perm), perm
 
 

@@ -1,21 +1,30 @@
 """Weight matching (Ainsworth et al., Git Re-Basin): coordinate descent over permutation groups.
 
 Each step fixes all groups but one and solves a linear assignment that maximises ``sum <W_A, P(W_B)>`` over every
-weight the group touches; cost matrices are computed in torch on the weights' device, the assignment with
-``scipy.optimize.linear_sum_assignment`` on the CPU.
+weight the group touches; cost matrices are computed in torch on the weights' device, the assignment by the chosen
+solver (:mod:`~lmc_lightning.weights.permutation.solvers`).
+
+Two exact savings over the textbook loop: a group whose cost matrix cannot have changed since it was last solved
+(no group sharing a weight with it has changed its permutation since) is not solved again (``lazy``), and with
+``stream=True`` only the tensors of the group being solved are on the device, so neither weight dict need be
+resident there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from lmc_lightning.weights.permutation.apply import Permutation, check_permutation, expand, identity
+from lmc_lightning.weights.permutation.solvers import resolve_solver
+from lmc_lightning.weights.permutation.solvers import solve_assignment as _solve
 from lmc_lightning.weights.permutation.spec import Axis, PermutationSpec
 
 
@@ -28,18 +37,19 @@ class MatchResult:
         rounds: Full rounds over all groups that ran (the last one made no improvement unless ``max_iter`` stopped).
         objective: Final ``sum <W_A, P(W_B)>`` over all matched weights.
         converged: True when a round made no improvement before ``max_iter``.
+        solves: Linear assignments solved (``lazy`` skips those whose cost matrix is unchanged).
     """
 
     perm: Permutation
     rounds: int
     objective: float
     converged: bool
+    solves: int = 0
 
 
-def solve_assignment(cost: Tensor) -> Tensor:
-    """Column index that maximises ``sum_i cost[i, col[i]]`` (a permutation)."""
-    _, col = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
-    return torch.from_numpy(col.astype(np.int64))
+def solve_assignment(cost: Tensor, solver: str = "scipy") -> Tensor:
+    """Column index that maximises ``sum_i cost[i, col[i]]`` (a permutation), CPU int64."""
+    return _solve(cost, solver)
 
 
 def _unfold(tensor: Tensor, ax: Axis, n: int) -> Tensor:
@@ -48,54 +58,118 @@ def _unfold(tensor: Tensor, ax: Axis, n: int) -> Tensor:
 
 
 class _Matcher:
-    """State of one weight-matching run: A's unfolded weights per group and B's weights on the device."""
+    """State of one weight-matching run.
+
+    Resident (``stream=False``): A's unfolded weights per group and B's weights are kept on the device. Streaming:
+    both dicts stay where they are and each cost matrix moves only the tensors of its group to the device.
+    """
 
     def __init__(self, spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
-                 device: torch.device) -> None:
+                 device: torch.device, stream: bool = False) -> None:
         self.sizes = spec.sizes(theta_a)
         spec.sizes(theta_b)
         by_key = spec.by_key()
         keys = [k for k in by_key if k not in spec.buffers and theta_a[k].is_floating_point()]
-        self.b = {k: theta_b[k].detach().to(device) for k in keys}
+        self.device, self.stream = device, stream
         self.others = {k: by_key[k] for k in keys}
         self.entries: dict[str, list[Axis]] = {g: [] for g in spec.groups}
         for k in keys:
             for group, ax in by_key[k]:
                 self.entries[group].append(ax)
+        self.neighbours = {g: {other for ax in axes for other, _ in by_key[ax.key]} - {g}
+                           for g, axes in self.entries.items()}
         dtype = torch.promote_types(theta_a[keys[0]].dtype, torch.float32) if keys else torch.float32
         self.dtype = dtype
-        self.a = {k: theta_a[k].detach().to(device, dtype) for k in keys}
-        self.a_rows = {g: torch.cat([_unfold(self.a[ax.key], ax, self.sizes[g]) for ax in axes], 1)
-                       for g, axes in self.entries.items() if axes}
+        home = None if stream else device
+        self.b = {k: theta_b[k].detach().to(home or theta_b[k].device) for k in keys}
+        self.a = {k: theta_a[k].detach().to(home or theta_a[k].device, dtype) for k in keys}
+        self.a_rows = {} if stream else {g: self.rows(self.a, g, None) for g, axes in self.entries.items() if axes}
 
-    def b_rows(self, group: str, perm: Mapping[str, Tensor]) -> Tensor:
-        """B's weights touching ``group``, permuted by all other axes' current permutations, as ``[n, rest]``."""
+    def rows(self, theta: Mapping[str, Tensor], group: str, perm: Mapping[str, Tensor] | None) -> Tensor:
+        """Weights touching ``group`` (other axes permuted by ``perm`` unless None) on the device, ``[n, rest]``."""
         rows = []
         for ax in self.entries[group]:
-            t = self.b[ax.key]
-            for other_group, other in self.others[ax.key]:
-                if other.axis != ax.axis:
-                    t = t.index_select(other.axis, expand(perm[other_group], other.block))
+            t = theta[ax.key].to(self.device, non_blocking=True)
+            if perm is not None:
+                for other_group, other in self.others[ax.key]:
+                    if other.axis != ax.axis:
+                        t = t.index_select(other.axis, expand(perm[other_group], other.block))
             rows.append(_unfold(t.to(self.dtype), ax, self.sizes[group]))
         return torch.cat(rows, 1)
 
     def cost(self, group: str, perm: Mapping[str, Tensor]) -> Tensor:
         """``[n, n]`` matrix of inner products between A's unit ``i`` and B's unit ``j`` of ``group``."""
-        return self.a_rows[group] @ self.b_rows(group, perm).T
+        a_rows = self.a_rows[group] if group in self.a_rows else self.rows(self.a, group, None)
+        return a_rows @ self.rows(self.b, group, perm).T
 
     def objective(self, perm: Mapping[str, Tensor]) -> float:
         """``sum <W_A, P(W_B)>`` over all matched weights."""
         total = 0.0
         for key, b in self.b.items():
+            b = b.to(self.device)
             for group, ax in self.others[key]:
                 b = b.index_select(ax.axis, expand(perm[group], ax.block))
-            total += float((self.a[key] * b.to(self.dtype)).sum())
+            total += float((self.a[key].to(self.device) * b.to(self.dtype)).sum())
         return total
+
+
+class _Steps:
+    """The steps of coordinate descent: one assignment per group, run in order or concurrently where independent."""
+
+    def __init__(self, matcher: _Matcher, perm: dict[str, Tensor], solver: str, lazy: bool,
+                 device: torch.device) -> None:
+        self.matcher, self.perm, self.solver, self.lazy, self.device = matcher, perm, solver, lazy, device
+        self.stale = set(matcher.entries)  # groups whose cost may differ from the one they were last solved on
+        self.solves = 0
+        self.lock = threading.Lock()
+
+    def step(self, group: str) -> bool:
+        """Re-solve ``group`` given the others; True if the objective improved."""
+        with self.lock:
+            if self.lazy and group not in self.stale:
+                return False
+            self.stale.discard(group)
+            self.solves += 1
+        cost = self.matcher.cost(group, self.perm)
+        cost = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
+        col = solve_assignment(cost, self.solver)
+        rows = torch.arange(len(col))
+        current = self.perm[group]
+        old = cost[rows, current.to(cost.device)].sum().item()
+        new = cost[rows, col.to(cost.device)].sum().item()
+        with self.lock:
+            if not torch.equal(col, current.cpu()):
+                self.stale |= self.matcher.neighbours[group]
+            self.perm[group] = col.to(self.device)
+        return new > old + 1e-12 * abs(old)
+
+    def run_round(self, order: list[str], pool: ThreadPoolExecutor | None) -> bool:
+        """Visit ``order``; with a pool, a step starts once the earlier steps of its neighbours are done."""
+        if pool is None:
+            return any([self.step(group) for group in order])
+        deps = []
+        for k, group in enumerate(order):
+            near = self.matcher.neighbours[group]
+            deps.append({j for j in range(k) if order[j] in near})
+        done: set[int] = set()
+        running: dict[Future, int] = {}
+        improved, started = False, set()
+        while len(done) < len(order):
+            for k in range(len(order)):
+                if k not in started and deps[k] <= done:
+                    started.add(k)
+                    running[pool.submit(self.step, order[k])] = k
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                improved |= future.result()
+                done.add(running.pop(future))
+        return improved
 
 
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
-                    device: str | torch.device | None = None) -> MatchResult:
+                    device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
+                    stream: bool = False, workers: int | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
     Coordinate descent: each round visits the groups in a random order (seeded) and replaces one group's
@@ -111,6 +185,14 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         seed: Seed of the group order.
         init: Starting permutation (default identity).
         device: Where to compute the cost matrices (default: the device of A's weights).
+        solver: Linear assignment solver, one of
+            :data:`~lmc_lightning.weights.permutation.solvers.SOLVERS` (``auto``: ``lap`` if installed, else scipy).
+        lazy: Skip a group whose cost matrix is unchanged since its last solve (same result, fewer solves).
+        stream: Keep both weight dicts where they are and move one group's tensors at a time to ``device``.
+        workers: Threads that solve, at the same time, steps of a round that share no weight (a step waits for the
+            earlier steps of the groups it shares a weight with), so the result is the same as with one worker.
+            Default: up to 8 when the cost matrices are computed on a GPU, else 1 (on the CPU the matmuls already
+            use every core).
 
     Returns:
         A :class:`MatchResult`; ``apply_permutation(theta_b, spec, result.perm)`` gives the aligned weights.
@@ -119,29 +201,28 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
     first = next(iter(theta_a.values()))
     device = torch.device(device) if device is not None else first.device
-    matcher = _Matcher(spec, theta_a, theta_b, device)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    solver = resolve_solver(solver)
+    matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream)
     perm = identity(spec, theta_a)
     if init is not None:
         check_permutation(spec, init, theta_a)
         perm = {g: torch.as_tensor(p).long().cpu() for g, p in init.items() if g in perm}
     perm = {g: p.to(device) for g, p in perm.items()}
-    groups = [g for g in spec.groups if g in matcher.a_rows]
+    groups = [g for g in spec.groups if matcher.entries[g]]
     gen = torch.Generator().manual_seed(seed)
+    state = _Steps(matcher, perm, solver, lazy, device)
     rounds, converged = 0, False
-    while rounds < max_iter:
-        rounds += 1
-        improved = False
-        for i in torch.randperm(len(groups), generator=gen).tolist():
-            group = groups[i]
-            cost = matcher.cost(group, perm).to("cpu", torch.float64)
-            col = solve_assignment(cost)
-            rows = torch.arange(len(col))
-            old = cost[rows, perm[group].cpu()].sum().item()
-            new = cost[rows, col].sum().item()
-            if new > old + 1e-12 * abs(old):
-                improved = True
-            perm[group] = col.to(device)
-        if not improved:
-            converged = True
-            break
-    return MatchResult({g: p.cpu() for g, p in perm.items()}, rounds, matcher.objective(perm), converged)
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        while rounds < max_iter:
+            rounds += 1
+            order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+            improved = state.run_round(order, pool)
+            if not improved:
+                converged = True
+                break
+    return MatchResult({g: p.cpu() for g, p in perm.items()}, rounds, matcher.objective(perm), converged,
+                       state.solves)

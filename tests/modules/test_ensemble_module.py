@@ -1,0 +1,67 @@
+"""EnsembleModule through `lmc test`: plain and WA ensembles of checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmc_lightning.checkpoint import load_net
+from lmc_lightning.cli import main
+from lmc_lightning.data import FashionMNISTDataModule
+from lmc_lightning.modules import EnsembleModule
+
+COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
+          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
+
+
+def _logger(out: Path) -> list[str]:
+    return ["--trainer.default_root_dir", str(out), "--trainer.logger.class_path", "CSVLogger",
+            "--trainer.logger.init_args.save_dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def members(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three one-hidden-layer MLPs with bias (seeds 0, 1, 2), each trained for a few steps through `lmc fit`."""
+    out = tmp_path_factory.mktemp("connect_endpoints")
+    paths = []
+    for seed in (0, 1, 2):
+        main(["fit", "--model", "EndpointModule", "--model.net", "mlp", "--model.net_kwargs",
+              '{"widths": [24], "bias": true}', "--model.seed", str(seed), "--data.seed", str(seed),
+              "--data.root", str(fake_fmnist_root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+              *COMMON, *_logger(out / f"seed{seed}")])
+        paths.append(sorted((out / f"seed{seed}").rglob("*.ckpt"))[0])
+    return paths
+
+
+def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dm = FashionMNISTDataModule(root=str(root))
+    dm.setup("test" if split == "test" else "fit")
+    return dm.split_tensors(split)
+
+
+def test_lmc_test_ensemble_and_wa(members: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ensemble"
+    cli = main(["test", "--model", "EnsembleModule", "--model.members", f"[{members[0]},{members[1]},{members[2]}]",
+                "--model.wa_layer", "classifier", "--data.root", str(fake_fmnist_root), *COMMON, *_logger(out)])
+    saved = json.loads(next(out.rglob("ensemble.json")).read_text())
+    assert set(saved) == {"plain", "wa"} and saved["plain"]["members"] == 3
+    x, y = _split(fake_fmnist_root, "test")
+    with torch.no_grad():
+        probs = torch.stack([load_net(p)(x).softmax(-1) for p in members])
+    acc = (probs.mean(0).argmax(-1) == y).double().mean().item()
+    assert saved["plain"]["ensemble_accuracy"][-1] == pytest.approx(acc, abs=1e-9)
+    assert float(cli.trainer.callback_metrics["ensemble/plain_acc_3"]) == pytest.approx(acc, abs=1e-6)
+    assert saved["wa"]["member_accuracy"][0] == pytest.approx(saved["plain"]["member_accuracy"][0], abs=0.02)
+    with pytest.raises(ValueError, match="bn must be"):
+        EnsembleModule(bn="repair")
+
+
+def test_ensemble_config_prints(capsys: pytest.CaptureFixture) -> None:
+    config = Path(__file__).parents[2] / "configs" / "ensemble" / "fmnist_mlp.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "EnsembleModule" in capsys.readouterr().out
