@@ -4,8 +4,8 @@
 control points of the surface, sampling ``(u, v)`` uniformly on the unit square. ``lmc test`` evaluates a
 ``num_points x num_points`` grid (BatchNorm reset for BN nets by default) and writes ``path.csv``/``path.json`` and
 heat maps of loss and accuracy (``path.png``), and logs/prints the lowest loss and highest accuracy with their
-``(u, v)``. Without ``--ckpt_path`` it evaluates the untrained surface, the bilinear interpolation of the four modes
-(MCSurface's ``--skip_load_model``).
+``(u, v)`` and, with ``ensemble: true``, the output ensemble of the grid. Without ``--ckpt_path`` it evaluates the
+untrained surface, the bilinear interpolation of the four modes (MCSurface's ``--skip_load_model``).
 
 MCSurface's own setup (``configs/surface/cifar10_vgg16_mcsurface.yaml``) is ``degree: 2``, ``sample_mode:
 sequential``, ``warmup: two_edges``, ``corner_order: mcsurface``, ``bn: null`` and a constant learning rate.
@@ -24,6 +24,7 @@ from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.curve import BNChoice, FittedPathModule, check_fitting_args
 from lmc_lightning.modules.path import WeightDict
 from lmc_lightning.weights.curves import CORNER_ORDERS, BezierSurface, surface_degree
+from lmc_lightning.weights.ensemble import ensemble_outputs, path_members
 from lmc_lightning.weights.fit import parameter_keys, path_loss, sample_boundary, sample_uniform
 from lmc_lightning.weights.paths import Path
 from lmc_lightning.weights.result import PathResult
@@ -92,6 +93,9 @@ class SurfaceModule(FittedPathModule):
             ``(0, 0), (0, 1), (1, 0), (1, 1)``.
         reg: Weight of the L2 pull of the control points toward the bilinear surface.
         num_points: Grid points per axis evaluated by ``lmc test`` (``num_points**2`` points; MCSurface: 11).
+        ensemble: Also evaluate the output ensemble of every grid point (mean softmax, MCSurface's
+            ``ensemble_evaluation``; with the same BN statistics as the grid), logged as ``surface/ensemble_*`` and
+            stored in ``path.json``'s ``meta.ensemble``.
         bn: BatchNorm statistics at evaluation: ``"auto"`` (reset for BN nets), ``"reset"`` or ``None``
             (interpolated statistics, MCSurface).
         bn_batches: Batches of training data for the BN statistics.
@@ -113,7 +117,7 @@ class SurfaceModule(FittedPathModule):
     """
 
     min_endpoints = 4
-    extra_eval_settings: ClassVar[tuple[str, ...]] = ()
+    extra_eval_settings: ClassVar[tuple[str, ...]] = ("ensemble",)
 
     def __init__(
         self,
@@ -128,6 +132,7 @@ class SurfaceModule(FittedPathModule):
         corner_order: CornerOrder = "uv",
         reg: float = 0.0,
         num_points: int = 11,
+        ensemble: bool = False,
         bn: BNChoice | None = "auto",
         bn_batches: int = 20,
         bn_batch_size: int = 500,
@@ -178,6 +183,7 @@ class SurfaceModule(FittedPathModule):
         self.fill_interior = warmup == "boundary" if fill_interior is None else bool(fill_interior)
         self.corner_order = corner_order
         self.automatic_optimization = sample_mode == "mean"
+        self.ensemble = bool(ensemble)
         self.extrema: dict[str, float] = {}
 
     @property
@@ -263,13 +269,37 @@ class SurfaceModule(FittedPathModule):
         result = super().evaluate_grid(split)
         self.extrema = grid_extrema(result)
         result.meta["extrema"] = dict(self.extrema)
+        if self.ensemble:
+            result.meta["ensemble"] = self.evaluate_ensemble(split)
         return result
+
+    def evaluate_ensemble(self, split: str = "test") -> dict[str, float]:
+        """Mean-softmax ensemble of the nets at every grid point on ``split`` (MCSurface's grid ensemble).
+
+        Each point gets the grid's BN treatment (``bn="reset"``: statistics recomputed on the training split).
+        Every rank computes it on the whole split (the result is the same everywhere).
+        """
+        dm = self._datamodule()
+        train = dm.split_tensors("train") if self.bn is not None else None
+        out = ensemble_outputs(self.net, path_members(self.path, self.eval_coords()), dm.split_tensors(split),
+                               batch_size=self.evaluation_batch_size or 1000, device=self.device,
+                               precision="bf16" if self.eval_precision == "bf16" else "32", bn=self.bn,
+                               train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size)
+        return {"accuracy": float(out.ensemble_accuracy[-1]), "loss": float(out.ensemble_loss[-1]),
+                "members": int(out.size), "best_member_accuracy": float(out.member_accuracy.max())}
 
     def on_test_epoch_end(self) -> None:
         """Evaluate the grid and write its files (see :meth:`PathModule.on_test_epoch_end`); log and print extrema."""
         super().on_test_epoch_end()
         for name, value in self.extrema.items():
             self.log(f"surface/{name}", value, sync_dist=False)
+        ens = self.result.meta.get("ensemble")
+        if ens:
+            self.log("surface/ensemble_acc", ens["accuracy"], sync_dist=False)
+            self.log("surface/ensemble_loss", ens["loss"], sync_dist=False)
+            rank_zero_info(f"SurfaceModule: ensemble of the {ens['members']} grid points: accuracy "
+                           f"{ens['accuracy']:.4f}, loss {ens['loss']:.4f} (best point "
+                           f"{ens['best_member_accuracy']:.4f}).")
         e = self.extrema
         rank_zero_info(f"SurfaceModule: lowest loss {e['min_loss']:.4f} at (u, v) = ({e['min_loss_u']:.2f}, "
                        f"{e['min_loss_v']:.2f}); highest accuracy {e['max_accuracy']:.4f} at (u, v) = "

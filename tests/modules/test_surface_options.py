@@ -165,6 +165,27 @@ def test_two_edge_warmup_trains_edges_u0_u1_only_and_fills_nothing(corner_files:
     assert not torch.equal(after[~moved_rows], init[~moved_rows])  # the whole surface trains after the warm-up
 
 
+def test_grid_ensemble_equals_direct_mean_softmax(corner_files: list[str], fake_fmnist_root: Path,
+                                                  tmp_path: Path) -> None:
+    """num_points=2: the grid is the four corners, so the ensemble is the mean softmax of the four corner nets."""
+    model = _module(corner_files, degree=2, num_points=2, bn=None, ensemble=True, output_dir=str(tmp_path / "out"))
+    data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=64)
+    _trainer(tmp_path).test(model, datamodule=data, verbose=False)
+    x, y = data.split_tensors("test")
+    with torch.no_grad():
+        probs = []
+        for state in _corners():
+            net = get_net("mlp", **NET)
+            net.load_state_dict(state)
+            probs.append(net.eval()(x).softmax(-1))
+    mean = torch.stack(probs).mean(0)
+    ens = json.loads((tmp_path / "out" / "path.json").read_text())["meta"]["ensemble"]
+    assert ens["members"] == 4
+    assert ens["accuracy"] == pytest.approx((mean.argmax(-1) == y).float().mean().item(), abs=1e-6)
+    assert ens["loss"] == pytest.approx(-mean[torch.arange(len(y)), y].log().mean().item(), rel=1e-4)
+    assert "ensemble" not in model.hparams  # an evaluation setting, not restored from checkpoints
+
+
 def test_grid_extrema_direct() -> None:
     coords = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [0.5, 0.5]], dtype=float)
     result = PathResult(coords, loss=[0.5, 0.4, 0.9, 0.6, 0.3], accuracy=[0.8, 0.91, 0.7, 0.92, 0.85])
