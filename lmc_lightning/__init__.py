@@ -35,10 +35,15 @@ _EXPORTS = {
     "main": "lmc_lightning.cli",
 }
 
+_SUBPACKAGES = ("callbacks", "checkpoint", "cli", "data", "io", "metrics", "modules", "nets", "plots", "weights")
+"""Imported on first access, so ``import lmc_lightning; lmc_lightning.nets.available()`` works."""
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lmc_lightning' has no attribute '{name}'")

@@ -8,6 +8,7 @@ import sys
 import traceback
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
@@ -15,8 +16,11 @@ import lmc_lightning.callbacks  # noqa: F401
 import lmc_lightning.modules  # noqa: F401
 from lmc_lightning.data import BaseDataModule
 from lmc_lightning.modules.base import LMCModule
+from lmc_lightning.nets import available
 
-DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+DEFAULT_ROOT_DIR = "runs"
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_ROOT_DIR}}
+LIGHTNING_RUN_NAME = "lightning_logs"
 
 
 def _check_logger(logger: Any) -> None:
@@ -29,13 +33,84 @@ def _check_logger(logger: Any) -> None:
                              "pip install 'lmc_lightning[wandb]' (or choose CSVLogger/TensorBoardLogger).")
 
 
+def place_logs(config: Any) -> None:
+    """Put the logger's folder where the trainer's outputs go, and name runs after the module.
+
+    A logger whose ``save_dir`` was left at the default follows ``trainer.default_root_dir``; a run ``name`` left at
+    Lightning's ``lightning_logs`` becomes the module's class name. So ``lmc fit --config ... --trainer.default_root_dir
+    out`` writes ``out/EndpointModule/version_N/`` (metrics, ``config.yaml``, ``checkpoints/``), and result files of
+    path modules land in the same folder.
+    """
+    trainer = config.get("trainer") or {}
+    root = trainer.get("default_root_dir") or DEFAULT_ROOT_DIR
+    model = config.get("model")
+    module = str(model.get("class_path", "")).rsplit(".", 1)[-1] if hasattr(model, "get") else ""
+    logger = trainer.get("logger")
+    for item in logger if isinstance(logger, list) else [logger]:
+        init = item.get("init_args") if hasattr(item, "get") else None
+        if init is None:
+            continue
+        if init.get("save_dir") == DEFAULT_ROOT_DIR:
+            init["save_dir"] = root
+        if init.get("name") == LIGHTNING_RUN_NAME and module:
+            init["name"] = module
+
+
+def check_ckpt_path(ckpt_path: str | os.PathLike | None, model_class_path: str | None) -> None:
+    """Fail early and clearly on a ``--ckpt_path`` that does not exist or was written by another module.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Its hyperparameters name another module class than the one selected with ``--model``.
+    """
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        return
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: pass the path of a checkpoint written by "
+                                "`lmc fit` (e.g. <run folder>/checkpoints/last.ckpt).")
+    if not model_class_path:
+        return
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    writer = hparams.get("_class_path")
+    if writer and writer.rsplit(".", 1)[-1] != str(model_class_path).rsplit(".", 1)[-1]:
+        raise ValueError(f"--ckpt_path {ckpt_path} was written by {writer.rsplit('.', 1)[-1]}, but the config selects "
+                         f"{str(model_class_path).rsplit('.', 1)[-1]}: pass a checkpoint of that module, or drop "
+                         "--config/--model to run the checkpoint's own module.")
+
+
 class LMCLightningCLI(LightningCLI):
-    """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model."""
+    """LightningCLI with the datamodule's ``num_classes``/``input_shape`` linked into the model, outputs placed by
+    :func:`place_logs`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data properties to model arguments."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (:func:`check_ckpt_path`) before Lightning reads its hyperparameters."""
+        if self.config.get("subcommand"):
+            config = self.config[self.config.subcommand]
+            model = config.get("model")
+            check_ckpt_path(config.get("ckpt_path"), model.get("class_path") if hasattr(model, "get") else None)
+        super()._parse_ckpt_path()
+
+    def _expect_checkpoint(self) -> None:
+        """A path module restored from ``--ckpt_path`` takes its endpoints from the checkpoint, not from files."""
+        if self.config_init[self.subcommand].get("ckpt_path") and hasattr(self.model, "restore_pending"):
+            self.model.restore_pending = True
+
+    def before_fit(self) -> None:
+        self._expect_checkpoint()
+
+    def before_validate(self) -> None:
+        self._expect_checkpoint()
+
+    def before_test(self) -> None:
+        self._expect_checkpoint()
+
+    def before_predict(self) -> None:
+        self._expect_checkpoint()
 
     def before_instantiate_classes(self) -> None:
         """Validate the logger choice before anything heavy is built."""
@@ -44,6 +119,34 @@ class LMCLightningCLI(LightningCLI):
         logger = trainer.get("logger")
         if logger not in (None, True, False):
             _check_logger(logger)
+            place_logs(config)
+
+
+NETS_NOTE = " Registered nets: "
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+def document_nets() -> None:
+    """Append the registered net names to the ``net`` argument of every module's docstring, which is what
+    ``lmc fit --model.help EndpointModule`` prints (refreshed on every call, so nets registered later appear)."""
+    names = ", ".join(available())
+    for cls in _subclasses(LMCModule):
+        doc = cls.__dict__.get("__doc__") or ""
+        lines = doc.split("\n")
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("net: ")), None)
+        if start is None:
+            continue
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        end = start
+        while end + 1 < len(lines) and len(lines[end + 1]) - len(lines[end + 1].lstrip()) > indent:
+            end += 1
+        if NETS_NOTE in lines[end]:
+            lines[end] = lines[end].split(NETS_NOTE)[0]
+        lines[end] += f"{NETS_NOTE}{names}."
+        cls.__doc__ = "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> LightningCLI | int:
@@ -58,13 +161,14 @@ def main(args: list[str] | None = None) -> LightningCLI | int:
         from lmc_lightning.reproduce import main as reproduce
 
         return reproduce(argv[1:])
+    document_nets()
     return LMCLightningCLI(
         LMCModule,
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
-        trainer_defaults={"logger": DEFAULT_LOGGER},
+        trainer_defaults={"logger": DEFAULT_LOGGER, "default_root_dir": DEFAULT_ROOT_DIR},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -11,6 +11,12 @@ from typing import IO, Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
     """Write a file through a temporary sibling and ``os.replace`` it into place.
 
@@ -20,7 +26,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode
         mode: ``"w"`` for text, ``"wb"`` for bytes.
 
     Returns:
-        The destination path.
+        The destination path, with the usual permissions (``0666`` minus the umask, as ``open`` gives; the
+        temporary file alone would be ``0600``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -91,6 +91,12 @@ def fake_fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _no_run_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget an earlier test's ``seed_everything``: datamodules with ``seed=None`` read ``PL_GLOBAL_SEED``."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module of tiny ops (OpenMP stalls on shared cores); restored afterwards.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -35,7 +36,9 @@ class BaseDataModule(LightningDataModule):
         augment: Random crop (zero padding ``crop_padding``) and horizontal flip on training batches.
         normalize: Standardise each channel with the dataset's ``mean``/``std``; otherwise floats in [0, 1].
         download: Let ``prepare_data`` download the dataset when it is not found.
-        seed: Seed of the validation hold-out, random subset, shuffling and augmentation.
+        seed: Seed of the validation hold-out, random subset, shuffling and augmentation; ``None``: the run's seed
+            (``seed_everything`` / ``--seed_everything``, read from ``PL_GLOBAL_SEED`` when the datamodule is
+            built), 0 when none was set.
         device_resident: Move the whole dataset to the training device once and make batches there.
         random_erasing: Probability of random erasing on training batches (MCSurface: 0.5; scale 0.02-0.25,
             ratio 0.3-3.3, value 0), on the device; 0: off.
@@ -60,7 +63,7 @@ class BaseDataModule(LightningDataModule):
         augment: bool = False,
         normalize: bool = True,
         download: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         device_resident: bool = False,
         random_erasing: float = 0.0,
         random_grayscale: float = 0.0,
@@ -91,7 +94,7 @@ class BaseDataModule(LightningDataModule):
         self.augment = augment
         self.normalize = normalize
         self.download = download
-        self.seed = seed
+        self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.device_resident = device_resident
         self.random_erasing = random_erasing
         self.random_grayscale = random_grayscale

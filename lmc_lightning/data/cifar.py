@@ -66,7 +66,7 @@ class CIFAR10DataModule(BaseDataModule):
         augment: bool = True,
         normalize: bool = True,
         download: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         device_resident: bool = False,
         random_erasing: float = 0.0,
         random_grayscale: float = 0.0,

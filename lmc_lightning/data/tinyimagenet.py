@@ -122,7 +122,7 @@ class TinyImageNetDataModule(BaseDataModule):
         augment: bool = True,
         normalize: bool = True,
         download: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         device_resident: bool = False,
         random_erasing: float = 0.0,
         random_grayscale: float = 0.0,

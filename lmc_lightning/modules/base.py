@@ -101,6 +101,14 @@ def as_optim(optim: OptimConfig | dict[str, Any] | None) -> OptimConfig:
     return OptimConfig(**optim)
 
 
+MODULE_KEY = "lmc_module"
+"""Checkpoint entry naming the module class that wrote it."""
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class LMCModule(LightningModule):
     """Base class of every method: classification loss, optimiser and step-wise schedule.
 
@@ -127,6 +135,22 @@ class LMCModule(LightningModule):
         self.input_shape = tuple(input_shape)
         self.optim = as_optim(optim)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which module wrote the checkpoint (checked by :meth:`on_load_checkpoint`)."""
+        checkpoint[MODULE_KEY] = _qualname(type(self))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another module (it would silently run, or fail on missing tensors).
+
+        Raises:
+            ValueError: Naming both modules.
+        """
+        writer = checkpoint.get(MODULE_KEY)
+        if writer is not None and writer != _qualname(type(self)):
+            raise ValueError(f"The checkpoint was written by {writer.rsplit('.', 1)[-1]}, not by "
+                             f"{type(self).__name__}: pass a {type(self).__name__} checkpoint to --ckpt_path, or "
+                             f"select --model {writer.rsplit('.', 1)[-1]} to run that one.")
 
     def save_hparams(self, ignore: Iterable[str] = ()) -> None:
         """``save_hyperparameters`` with checkpoint-safe values (plain types only, for ``weights_only`` loading)."""

@@ -18,13 +18,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmc_lightning.modules.base import OptimConfig
-from lmc_lightning.modules.path import PathModule, PathResult, WeightDict
-from lmc_lightning.weights import renorm
+from lmc_lightning.modules.path import BN_MODES, PathModule, WeightDict
 from lmc_lightning.weights.curves import Bezier, MidpointQuadratic, PolyChain
 from lmc_lightning.weights.fit import freeze_buffer_points, parameter_keys, path_loss, sample_uniform
 from lmc_lightning.weights.paths import Path
 
-BNChoice = Literal["auto", "reset", "repair", "rescale"]
+BNChoice = str
 
 
 def check_fitting_args(num_samples: int, reg: float, bn: BNChoice | None) -> None:
@@ -33,8 +32,8 @@ def check_fitting_args(num_samples: int, reg: float, bn: BNChoice | None) -> Non
         raise ValueError(f"num_samples must be a positive integer (points sampled per batch), got {num_samples!r}.")
     if reg < 0:
         raise ValueError(f"reg must be >= 0 (weight of the L2 pull toward the linear path), got {reg}.")
-    if bn not in (None, "auto", "reset", "repair", "rescale"):
-        raise ValueError(f"bn must be 'auto', 'reset', 'repair', 'rescale' or None, got {bn!r}.")
+    if bn is not None and bn not in ("auto", *BN_MODES):
+        raise ValueError(f"bn must be None, 'auto' or one of {BN_MODES}, got {bn!r}.")
 
 
 class FittedPathModule(PathModule):
@@ -46,22 +45,19 @@ class FittedPathModule(PathModule):
     squared distance of the free control points to their linear position. Only the free points of the net's
     parameters are optimised (BN statistics are recomputed at evaluation).
 
-    Subclasses call :func:`check_fitting_args`, then ``PathModule.__init__`` (with ``bn=None`` for ``"auto"``), then
-    :meth:`init_fitting`.
+    Subclasses call :func:`check_fitting_args`, then ``PathModule.__init__``, then :meth:`init_fitting`.
     """
 
     trainable = True
 
-    def init_fitting(self, num_samples: int, reg: float, bn: BNChoice | None) -> None:
+    def init_fitting(self, num_samples: int, reg: float, bn: BNChoice | None = None) -> None:
         """Store the training settings (after ``PathModule.__init__``).
 
         Args:
             num_samples: Coordinates sampled per batch (the loss is their mean, on the same batch).
             reg: Weight of the L2 penalty ``||free points - linear position||^2`` (0 disables it).
-            bn: The ``bn`` argument as given; ``"auto"`` picks ``"reset"`` for nets with BatchNorm, else ``None``,
-                once the net is known.
+            bn: Unused (``"auto"`` is resolved by the evaluator); kept for subclasses that pass it.
         """
-        self.bn_auto = bn == "auto"
         self.num_samples = num_samples
         self.reg = float(reg)
         self._param_keys: list[str] | None = None
@@ -117,12 +113,6 @@ class FittedPathModule(PathModule):
     def on_train_end(self) -> None:
         """Leave the template in eval mode."""
         self.net.eval()
-
-    def evaluate_grid(self, split: str = "test") -> PathResult:
-        """Resolve ``bn="auto"`` for this net, then evaluate the grid (see :meth:`PathModule.evaluate_grid`)."""
-        if self.bn_auto:
-            self.bn = "reset" if renorm.batchnorms(self.net) else None
-        return super().evaluate_grid(split)
 
 
 class CurveModule(FittedPathModule):
@@ -198,7 +188,7 @@ class CurveModule(FittedPathModule):
                              f"and num_bends=1 (got curve={curve!r}, num_bends={num_bends}).")
         check_fitting_args(num_samples, reg, bn)
         super().__init__(
-            endpoints=endpoints, num_points=num_points, bn=None if bn == "auto" else bn,
+            endpoints=endpoints, num_points=num_points, bn=bn,
             bn_batches=bn_batches, bn_batch_size=bn_batch_size, evaluation_batch_size=evaluation_batch_size,
             precision=precision, strategy=strategy, prefix=prefix, net=net, net_kwargs=net_kwargs, key_map=key_map,
             output_dir=output_dir, num_classes=num_classes, input_shape=input_shape, optim=optim,

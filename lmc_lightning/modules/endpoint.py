@@ -32,7 +32,8 @@ class EndpointModule(LMCModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser and schedule.
         label_smoothing: Label smoothing of the loss.
-        seed: Seed of the network's initialisation (independent of data order); None uses the global RNG.
+        seed: Seed of the network's initialisation (independent of data order); None: the global RNG, as seeded by
+            the run's ``seed_everything`` (so ``--seed_everything N`` varies it).
     """
 
     def __init__(

@@ -32,7 +32,8 @@ class InterpolationModule(PathModule):
         save_aligned: Write the aligned endpoint 1 to this ``.ckpt`` (readable by ``load_net`` and usable as an
             endpoint of any path module); ``None``: don't.
         num_points: Points on ``t`` in [0, 1], endpoints included.
-        bn: BatchNorm statistics at every point: ``"reset"``, ``"repair"``, ``"rescale"`` or ``None`` (interpolated).
+        bn: BatchNorm statistics at every point: ``"auto"`` (``"reset"`` where the net has BatchNorm, else
+            ``None``), ``"reset"``, ``"repair"``, ``"rescale"`` or ``None`` (interpolated).
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -61,7 +62,7 @@ class InterpolationModule(PathModule):
         align_samples: int = 5000,
         save_aligned: str | None = None,
         num_points: int = 21,
-        bn: BNMode | None = None,
+        bn: BNMode | None = "auto",
         bn_batches: int = 20,
         bn_batch_size: int = 500,
         evaluation_batch_size: int | None = None,

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,7 +26,11 @@ from lmc_lightning.weights.paths import Path, check_compatible
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
-BNMode = Literal["reset", "repair", "rescale"]
+BN_MODES: tuple[str, ...] = ("reset", "repair", "rescale")
+"""Statistics modes of :func:`~lmc_lightning.weights.evaluate.evaluate_path`; ``bn`` also takes ``"auto"`` (reset
+where there is BatchNorm, nothing elsewhere) and None. A plain string checked against this set, so new modes only need
+adding here and in the evaluator."""
+BNMode = str
 CKPT_KEY = "lmc_path"
 PRECISIONS = ("auto", "32", "bf16")
 STRATEGIES = ("auto", "loop", "vmap")
@@ -38,8 +42,8 @@ def check_eval_settings(precision: str, strategy: str, num_points: int = 2, bn: 
     """Raise a ValueError naming the first invalid path-evaluation setting."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the endpoints at least), got {num_points}.")
-    if bn is not None and bn not in ("reset", "repair", "rescale"):
-        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if bn is not None and bn not in ("auto", *BN_MODES):
+        raise ValueError(f"bn must be None, 'auto' or one of {BN_MODES}, got {bn!r}.")
     if bn_batches < 1 or bn_batch_size < 1 or (evaluation_batch_size is not None and evaluation_batch_size < 1):
         raise ValueError("bn_batches, bn_batch_size and evaluation_batch_size must be >= 1, got "
                          f"{bn_batches}, {bn_batch_size}, {evaluation_batch_size}.")
@@ -129,8 +133,9 @@ class PathModule(LMCModule):
     Args:
         endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
         num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
-        bn: Recompute BatchNorm statistics at every point: ``"reset"`` (on training data), ``"repair"`` or
-            ``"rescale"``; ``None`` keeps the path's interpolated running statistics.
+        bn: Recompute BatchNorm statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else
+            ``None``), ``"reset"`` (on training data), ``"repair"`` or ``"rescale"`` (see :data:`BN_MODES`);
+            ``None`` keeps the path's interpolated running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -160,7 +165,7 @@ class PathModule(LMCModule):
         self,
         endpoints: list[str] | None = None,
         num_points: int = 21,
-        bn: BNMode | None = None,
+        bn: BNMode | None = "auto",
         bn_batches: int = 20,
         bn_batch_size: int = 500,
         evaluation_batch_size: int | None = None,
@@ -207,6 +212,9 @@ class PathModule(LMCModule):
         self.result: PathResult | None = None
         self.result_files: dict[str, FilePath] = {}
         object.__setattr__(self, "_template", None)  # not a submodule: kept out of state_dict and parameters()
+        self.restore_pending = False
+        """Set (by the CLI) when a checkpoint given as ``ckpt_path`` will restore the path: ``setup`` then reads no
+        endpoint files, so a checkpoint is evaluated or resumed without them, from any folder."""
 
     # Template hooks -------------------------------------------------------------------------------------------------
 
@@ -310,19 +318,22 @@ class PathModule(LMCModule):
         if self.path is not None:
             return
         trainer = self._trainer
-        if trainer is not None and trainer.ckpt_path:
-            return  # on_load_checkpoint rebuilds the path from the checkpoint
+        if self.restore_pending or (trainer is not None and trainer.ckpt_path):
+            return  # on_load_checkpoint rebuilds the path from the checkpoint, which holds the endpoints
         thetas = self.prepare_endpoints(self.load_endpoints())
         self.path = self.build_path(thetas)
         rank_zero_info(f"{type(self).__name__}: {type(self.path).__name__} path between "
                        f"{len(self.endpoints)} endpoints of '{self.net_spec['name']}'.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what rebuilding the path needs: the architecture and the number of endpoints (plain types)."""
+        """Store what rebuilding the path needs: the architecture and the number of endpoints (plain types); the
+        endpoints themselves are tensors of the path, in the state dict."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CKPT_KEY] = {"net_spec": dict(self.net_spec or {}), "num_endpoints": self.path.num_fixed}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the template and an empty path of the right structure; Lightning then loads its tensors."""
+        super().on_load_checkpoint(checkpoint)
         info = checkpoint.get(CKPT_KEY)
         if info is None:
             raise ValueError(f"This checkpoint was not written by a {type(self).__name__} (no '{CKPT_KEY}' entry).")
@@ -368,8 +379,8 @@ class PathModule(LMCModule):
             b = result.barriers()
             summary = ("no barrier (non-finite loss at some points, see the warning)" if b["loss_barrier"] is None
                        else f"loss barrier {b['loss_barrier']:.4f}, accuracy barrier {b['accuracy_barrier']:.4f}")
-            rank_zero_info(f"{type(self).__name__}: {summary}; wrote "
-                           f"{', '.join(map(str, self.result_files.values()))}")
+            names = ", ".join(p.name for p in self.result_files.values())
+            rank_zero_info(f"{type(self).__name__}: {summary}; wrote {names} to {FilePath(folder).resolve()}")
 
     def log_result(self, result: PathResult) -> None:
         """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""

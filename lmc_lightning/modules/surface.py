@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lmc_lightning.modules.base import OptimConfig
@@ -170,7 +170,7 @@ class SurfaceModule(FittedPathModule):
                              "'reset' or None.")
         check_fitting_args(num_samples, reg, bn)
         super().__init__(
-            endpoints=endpoints, num_points=num_points, bn=None if bn == "auto" else bn, bn_batches=bn_batches,
+            endpoints=endpoints, num_points=num_points, bn=bn, bn_batches=bn_batches,
             bn_batch_size=bn_batch_size, evaluation_batch_size=evaluation_batch_size, precision=precision,
             strategy=strategy, prefix=prefix, net=net, net_kwargs=net_kwargs, key_map=key_map, output_dir=output_dir,
             num_classes=num_classes, input_shape=input_shape, optim=optim, label_smoothing=label_smoothing,
@@ -194,6 +194,21 @@ class SurfaceModule(FittedPathModule):
     def build_path(self, thetas: list[WeightDict]) -> Path:
         """The Bezier surface, its control grid initialised on the bilinear interpolation of the corners."""
         return BezierSurface(thetas, self.num_bends, corner_order=self.corner_order)
+
+    def on_fit_start(self) -> None:
+        """Refuse a run whose warm-up would take every epoch (the interior would never train).
+
+        Raises:
+            ValueError: ``init_epochs >= max_epochs`` (a warning instead under ``fast_dev_run``, a smoke test).
+        """
+        max_epochs = self.trainer.max_epochs
+        if self.init_epochs and max_epochs is not None and 0 <= max_epochs <= self.init_epochs:
+            message = (f"SurfaceModule: init_epochs={self.init_epochs} >= max_epochs={max_epochs}: training would end "
+                       "inside the edge-only warm-up and the interior control points would never train. Lower "
+                       "--model.init_epochs or raise --trainer.max_epochs.")
+            if not self.trainer.fast_dev_run:
+                raise ValueError(message)
+            rank_zero_warn(message)
 
     @property
     def warming_up(self) -> bool:

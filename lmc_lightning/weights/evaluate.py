@@ -312,7 +312,8 @@ def evaluate_path(
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
-        bn: ``None``; ``"reset"`` (recompute BN running statistics at each point); ``"repair"`` or ``"rescale"``
+        bn: ``None``; ``"auto"`` (``"reset"`` for nets with BatchNorm, else ``None``); ``"reset"`` (recompute BN
+            running statistics at each point); ``"repair"`` or ``"rescale"``
             (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
         train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
             needed.
@@ -345,6 +346,8 @@ def evaluate_path(
             (naming the input shape).
     """
     start_time = time.perf_counter()
+    if bn == "auto":  # BN reset where there is BatchNorm, nothing to recompute elsewhere
+        bn = "reset" if renorm.batchnorms(net) else None
     if bn not in (None, "reset", "repair", "rescale"):
         raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
     if strategy not in ("auto", "loop", "vmap"):

@@ -126,7 +126,7 @@ def test_training_lowers_the_curve_loss_and_checkpoint_round_trips(modes: list[P
     ckpt = tmp_path / "curve.ckpt"
     trainer.save_checkpoint(ckpt)
     restored = CurveModule.load_from_checkpoint(ckpt, endpoints=None)
-    assert restored.bn_auto and restored.num_samples == 4
+    assert restored.bn == "auto" and restored.num_samples == 4
     for key in model.path.float_keys:
         torch.testing.assert_close(restored.path.control_points(key), model.path.control_points(key).cpu())
 
