@@ -291,7 +291,7 @@ class PathModule(LMCModule):
         if not self.endpoints:
             raise ValueError(f"{type(self).__name__} has no endpoints: pass --model.endpoints [a.ckpt,b.ckpt].")
         pairs = zip(self.endpoints, self.prefixes, strict=True)
-        loaded = [load_weights(p, prefix, self.key_map) for p, prefix in pairs]
+        loaded = [load_weights(p, prefix, key_map=self.key_map) for p, prefix in pairs]
         spec = self._resolve_spec([s for _, s in loaded])
         template = self._make_template(spec)
         names = [f"endpoint {i} ({p})" for i, p in enumerate(self.endpoints)]
