@@ -19,6 +19,7 @@ from lmc_lightning.weights.paths import Linear
 
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
 SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or None
+POINTS = int(os.environ.get("LMC_POINTS", 11))  # points along each path
 OUT = os.environ.get("LMC_OUT", "runs/example02")
 
 # %% Two endpoints.
@@ -39,9 +40,9 @@ theta_b_aligned = aligned_b.state_dict()
 
 # %% Measure the paths on the test split (statistics for REPAIR come from the training split).
 results = {
-    "linear": lmc.evaluate_path(Linear(theta_a, theta_b), net_a, data, num_points=11),
-    "weight matching": lmc.evaluate_path(Linear(theta_a, theta_b_aligned), net_a, data, num_points=11),
-    "weight matching + REPAIR": lmc.evaluate_path(Linear(theta_a, theta_b_aligned), net_a, data, num_points=11,
+    "linear": lmc.evaluate_path(Linear(theta_a, theta_b), net_a, data, num_points=POINTS),
+    "weight matching": lmc.evaluate_path(Linear(theta_a, theta_b_aligned), net_a, data, num_points=POINTS),
+    "weight matching + REPAIR": lmc.evaluate_path(Linear(theta_a, theta_b_aligned), net_a, data, num_points=POINTS,
                                                   bn="repair"),
 }
 
@@ -49,7 +50,7 @@ results = {
 x, y = data.split_tensors("train")
 curve = Bezier([theta_a, theta_b], num_bends=1)
 fit_path(curve, net_a, x, y, epochs=EPOCHS, lr=0.05)
-results["Bezier curve (1 bend)"] = lmc.evaluate_path(curve, net_a, data, num_points=11)
+results["Bezier curve (1 bend)"] = lmc.evaluate_path(curve, net_a, data, num_points=POINTS)
 
 # %%
 for name, result in results.items():

@@ -38,6 +38,7 @@ def test_notebook_executes_on_tiny_settings(script: Path, tmp_path: Path, monkey
     monkeypatch.setenv("LMC_EPOCHS", "1")
     monkeypatch.setenv("LMC_SUBSET", "512")
     monkeypatch.setenv("LMC_POINTS", "3")
+    monkeypatch.setenv("LMC_MODELS", "2")
     monkeypatch.setenv("LMC_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = build_notebooks.execute(build_notebooks.to_notebook(script), tmp_path, timeout=300)

@@ -24,7 +24,7 @@ from lmc_lightning.weights.paths import Linear
 
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
 SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or None
-OUT = os.environ.get("LMC_OUT", "runs/example03")
+OUT = os.environ.get("LMC_OUT", "runs/example04")
 POINTS = int(os.environ.get("LMC_POINTS", 11))  # grid points per axis
 NET = {"net": "mlp", "net_kwargs": {"depth": 2, "width": 256}}
 
