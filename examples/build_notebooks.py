@@ -2,8 +2,8 @@
 
 The scripts are the source (reviewable diffs); ``python examples/build_notebooks.py`` converts each with jupytext and
 executes it with nbclient in a fresh kernel, keeping outputs and figures. Settings come from the environment
-(``LMC_EPOCHS``, ``LMC_SUBSET``, ``LMC_POINTS``, ``LMC_MODELS``; recorded in each notebook's metadata). ``tests/test_examples.py``
-checks that every notebook holds exactly its script's cells, and executes them on tiny settings.
+(``LMC_EPOCHS``, ``LMC_SUBSET``, ``LMC_POINTS``, ``LMC_MODELS``; recorded in each notebook's metadata).
+``tests/test_examples.py`` checks that every notebook holds exactly its script's cells, and runs each on tiny settings.
 
     python examples/build_notebooks.py [NAME ...]     # needs the dev extra: pip install -e '.[dev]'
 """
