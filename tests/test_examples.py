@@ -14,11 +14,17 @@ _spec.loader.exec_module(build_notebooks)
 SCRIPTS = build_notebooks.scripts()
 
 
+# Scripts whose executed notebook is shipped (a script added later gets one with build_notebooks.py NAME).
+EXECUTED = ("01_endpoints_and_barrier", "02_align_repair_curve", "03_zoo_barrier_matrix", "04_curves_and_surfaces")
+
+
 def test_every_script_has_its_executed_notebook_in_sync() -> None:
     nbformat = pytest.importorskip("nbformat")
-    assert len(SCRIPTS) >= 3
+    assert set(EXECUTED) <= {s.stem for s in SCRIPTS}
     for script in SCRIPTS:
         notebook = script.with_suffix(".ipynb")
+        if script.stem not in EXECUTED and not notebook.exists():
+            continue
         assert notebook.exists(), f"{notebook.name} missing: run python examples/build_notebooks.py {script.stem}"
         nb = nbformat.read(notebook, as_version=4)
         assert build_notebooks.cell_sources(nb) == build_notebooks.cell_sources(build_notebooks.to_notebook(script)), (
@@ -26,7 +32,7 @@ def test_every_script_has_its_executed_notebook_in_sync() -> None:
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(c.get("execution_count") for c in code), f"{notebook.name} is not executed"
         assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
-    figures = [o for s in SCRIPTS for c in nbformat.read(s.with_suffix(".ipynb"), as_version=4).cells
+    figures = [o for s in EXECUTED for c in nbformat.read(EXAMPLES / f"{s}.ipynb", as_version=4).cells
                if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert figures, "the notebooks show no figure"
 

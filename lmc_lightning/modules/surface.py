@@ -23,6 +23,7 @@ from torch import Tensor
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.curve import BNChoice, FittedPathModule, check_fitting_args
 from lmc_lightning.modules.path import WeightDict
+from lmc_lightning.weights import renorm
 from lmc_lightning.weights.curves import CORNER_ORDERS, BezierSurface, surface_degree
 from lmc_lightning.weights.ensemble import ensemble_outputs, path_members
 from lmc_lightning.weights.fit import parameter_keys, path_loss, sample_boundary, sample_uniform
@@ -165,7 +166,7 @@ class SurfaceModule(FittedPathModule):
             raise ValueError(f"corner_order must be one of {sorted(CORNER_ORDERS)}, got {corner_order!r}.")
         if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
             raise ValueError(f"init_epochs must be a non-negative integer (edge-only warm-up), got {init_epochs!r}.")
-        if bn in ("repair", "rescale"):
+        if bn in renorm.MODES:
             raise ValueError(f"bn={bn!r} interpolates endpoint statistics along a curve; a surface needs 'auto', "
                              "'reset' or None.")
         check_fitting_args(num_samples, reg, bn)
