@@ -34,6 +34,11 @@ _EXPORTS = {
     "SurfaceModule": "lmc_lightning.modules",
     "FineTuneModule": "lmc_lightning.modules",
     "CueDataModule": "lmc_lightning.data",
+    "StitchModule": "lmc_lightning.modules",
+    "SimilarityModule": "lmc_lightning.modules",
+    "stitch": "lmc_lightning.stitching",
+    "stitch_points": "lmc_lightning.stitching",
+    "transform_layer": "lmc_lightning.weights.symmetry",
     "main": "lmc_lightning.cli",
 }
 

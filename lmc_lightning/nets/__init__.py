@@ -9,6 +9,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     fixup,
     mlp,
     mmc_vgg,
+    myrtle,
     preresnet,
     resnet,
     vgg,
@@ -16,11 +17,12 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
 )
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.mmc_vgg import MMCVGG
+from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
 from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 
-__all__ = ["MLP", "MMCVGG", "VGG", "GaripovVGG", "PreResNet", "ResNet", "available", "get_net", "register",
-           "resnet18", "resnet20"]
+__all__ = ["MLP", "MMCVGG", "VGG", "GaripovVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "available",
+           "get_net", "register", "resnet18", "resnet20"]
