@@ -28,6 +28,7 @@ _EXPORTS = {
     "wa_ensemble": "lmc_lightning.weights.ensemble",
     "EndpointModule": "lmc_lightning.modules",
     "EnsembleModule": "lmc_lightning.modules",
+    "ConnectorModule": "lmc_lightning.modules",
     "InterpolationModule": "lmc_lightning.modules",
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",

@@ -1,6 +1,7 @@
 """LightningModules, one per method."""
 
 from lmc_lightning.modules.base import LMCModule, OptimConfig
+from lmc_lightning.modules.connector import ConnectorModule
 from lmc_lightning.modules.curve import CurveModule
 from lmc_lightning.modules.endpoint import EndpointModule
 from lmc_lightning.modules.ensemble import EnsembleModule
@@ -13,6 +14,6 @@ from lmc_lightning.modules.similarity import SimilarityModule
 from lmc_lightning.modules.stitch import StitchModule
 from lmc_lightning.modules.surface import SurfaceModule
 
-__all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "FineTuneModule", "InterpolationModule", "LMCModule",
-           "OptimConfig", "PairModule", "PathModule", "PruneModule", "SimilarityModule", "StitchModule",
-           "SurfaceModule"]
+__all__ = ["ConnectorModule", "CurveModule", "EndpointModule", "EnsembleModule", "FineTuneModule",
+           "InterpolationModule", "LMCModule", "OptimConfig", "PairModule", "PathModule", "PruneModule",
+           "SimilarityModule", "StitchModule", "SurfaceModule"]

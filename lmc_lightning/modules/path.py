@@ -105,7 +105,8 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor] | 
             else total[0], "accuracy_top5": mean[0, 2].tolist()}
     if not named:
         return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
-    merged = PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta)
+    merged = PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta,
+                                  length=result.length, end_time=result.end_time)
     for i, part in enumerate(merged.sets.values()):
         part.meta["accuracy_top5"] = mean[i, 2].tolist()
     return merged

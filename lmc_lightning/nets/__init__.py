@@ -24,5 +24,5 @@ from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 
-__all__ = ["MLP", "MMCVGG", "VGG", "GaripovVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "available",
-           "get_net", "register", "resnet18", "resnet20"]
+__all__ = ["GaripovVGG", "MLP", "MMCVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "VGG", "available", "get_net",
+           "register", "resnet18", "resnet20"]

@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ from torch.nn.modules.conv import _ConvNd
 from lmc_lightning.weights import fused, renorm
 from lmc_lightning.weights.data import materialize, seeded_subset
 from lmc_lightning.weights.data import to_device as _move
-from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
+from lmc_lightning.weights.paths import Arc, Linear, NonlinearPath, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
@@ -81,8 +82,9 @@ def _probe(net: nn.Module, x: Tensor, name: str) -> None:
                          f"{str(err).splitlines()[0]}. Evaluate on data shaped like the net's training data.") from err
 
 
-def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
-    """``[P, dim]`` float64 coordinates: given ones, or a linspace (curves) / grid (surfaces) on ``[0, 1]``."""
+def _coords(path: Path | NonlinearPath, num_points: int, coords: Any) -> Tensor:
+    """``[P, dim]`` float64 coordinates: given ones, or a linspace (curves) / grid (surfaces) on ``[0, 1]``
+    (``[0, end_time]`` for a nonlinear path)."""
     if coords is not None:
         c = torch.as_tensor(coords, dtype=torch.float64).cpu()
         c = c.reshape(-1, 1) if c.dim() <= 1 and path.dim == 1 else c
@@ -91,7 +93,7 @@ def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
         return c
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}.")
-    lin = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    lin = torch.linspace(0, float(getattr(path, "end_time", 1.0)), num_points, dtype=torch.float64)
     if path.dim == 1:
         return lin[:, None]
     if path.dim == 2:
@@ -214,25 +216,61 @@ class _Points:
     Paths are linear combinations of control points (see :mod:`lmc_lightning.weights.paths`): the coefficients of
     all points are computed once on the device and the control points are stacked once; each point (or chunk) is
     then :meth:`~lmc_lightning.weights.paths.Path.from_coefficients`, as in ``path(t)`` / ``path.stacked(coords)``.
+    A :class:`~lmc_lightning.weights.paths.NonlinearPath` gives each point through ``weights_at(t)`` instead (moved to
+    the device). Along a curve, ``dl[i] = |theta(t_i) - theta(t_{i-1})|`` over ``length_keys`` (the net's parameters)
+    is accumulated on the device as the points are produced.
     """
 
-    def __init__(self, path: Path, coords: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.path, self.dtype = path, dtype
+    def __init__(self, path: Path | NonlinearPath, coords: Tensor, device: torch.device,
+                 dtype: torch.dtype | None = None, length_keys: Sequence[str] = ()) -> None:
+        self.path, self.dtype, self.device = path, dtype, device
+        self.nonlinear = isinstance(path, NonlinearPath)
+        self.length_keys = list(length_keys) if coords.shape[1] == 1 else []
+        self.dl = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        self._prev: tuple[int, list[Tensor]] | None = None
+        if self.nonlinear:
+            self.ts = coords[:, 0].tolist()
+            return
         self.ctrl = {k: path.control_points(k) for k in path.float_keys}
         coef = path.coefficients(coords.to(device))
         dtypes = {v.dtype for v in self.ctrl.values()}
         self.coef = coef.to(dtypes.pop()) if len(dtypes) == 1 else coef  # cast once, not per key and point
 
+    def _track(self, i: int, weights: Mapping[str, Tensor]) -> None:
+        if not self.length_keys:
+            return
+        cur = [weights[k] for k in self.length_keys]
+        if self._prev is not None and self._prev[0] == i - 1:
+            sq = sum(torch.linalg.vector_norm(a - b, dtype=torch.float64).square() for a, b in zip(cur, self._prev[1],
+                                                                                                      strict=True))
+            self.dl[i] = sq.sqrt()
+        self._prev = (i, cur)
+
     def at(self, i: int) -> dict[str, Tensor]:
         """Weights at point ``i``."""
-        return self.path.from_coefficients(self.coef[i], self.ctrl)
+        if self.nonlinear:
+            w = {k: v.to(self.device, non_blocking=True) for k, v in self.path.weights_at(self.ts[i]).items()}
+        else:
+            w = self.path.from_coefficients(self.coef[i], self.ctrl)
+        self._track(i, w)
+        return w
 
     def chunk(self, start: int, stop: int) -> dict[str, Tensor]:
         """Weights at points ``start:stop``, stacked along a leading dim."""
-        out = self.path.from_coefficients(self.coef[start:stop], self.ctrl)
+        if self.nonlinear:
+            pts = [self.at(i) for i in range(start, stop)]
+            out = {k: torch.stack([p[k] for p in pts]) for k in pts[0]}
+        else:
+            out = self.path.from_coefficients(self.coef[start:stop], self.ctrl)
+            for i in range(start, stop):
+                self._track(i, {k: out[k][i - start] for k in self.length_keys})
         if self.dtype is not None:  # vmap passes these to the ops directly: match the autocast compute dtype
-            out.update({k: out[k].to(self.dtype) for k in self.ctrl})
+            out.update({k: v.to(self.dtype) for k, v in out.items() if v.is_floating_point()})
         return out
+
+    def length(self) -> np.ndarray | None:
+        """``[P]`` cumulative path length at the points (None for surfaces)."""
+        return self.dl.cumsum(0).cpu().numpy() if self.length_keys else None
 
 
 def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
@@ -324,7 +362,10 @@ def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: i
         x = seeded_subset(_tensors(data, "train", "train_data"), samples)[0]
     theta_a, theta_b = path.endpoint(0), path.endpoint(1)
     theta_b, _ = align_weights(net, theta_a, theta_b, method=method, data=x, device=device)
-    return type(path)(theta_a, {k: theta_b[k] for k in theta_a})
+    theta_b = {k: theta_b[k] for k in theta_a}
+    if isinstance(path, Arc):  # a centred arc is re-centred on the aligned pair
+        return Arc(theta_a, theta_b, centered=path.centered)
+    return type(path)(theta_a, theta_b)
 
 
 def evaluate_path(
@@ -424,13 +465,14 @@ def evaluate_path(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     pts = _coords(path, num_points, coords)
+    end_time = float(getattr(path, "end_time", 1.0))
     named = isinstance(data, Mapping)
     if named and not data:
         raise ValueError("data is an empty mapping: name at least one evaluation set, e.g. {'test': (x, y)}.")
     if named and train_data is None and (bn is not None or align in ("activation", "ste")):
         raise ValueError(f"With named evaluation sets, statistics (bn={bn!r}, align={align!r}) need train_data: "
                          "pass train_data=(x, y), a Dataset or a datamodule.")
-    for i in range(path.num_fixed):
+    for i in range(2 if isinstance(path, NonlinearPath) else path.num_fixed):
         check_finite(path.endpoint(i), f"path endpoint {i}")
     if align is not None:
         path = _aligned_path(path, net, align, train_data if train_data is not None else data, align_samples, device)
@@ -470,7 +512,8 @@ def evaluate_path(
     on_device = [(to_device(x), _move(y, device, what="data")) for x, y in sets.values()]
     stats = ([to_device(b, "train_data") for b in _stats_batches(stats_x, bn_batches, bn_batch_size)]
              if stats_x is not None else None)
-    path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
+    path_dev = (path if isinstance(path, NonlinearPath) or _device_of(path) == device
+                else copy.deepcopy(path).to(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if fuse_norms is None:
         fuse_norms = channels_last and fused.supported(device)
@@ -497,12 +540,14 @@ def evaluate_path(
                                    for th in (theta_a, theta_b))
             if chosen == "loop":
                 defaults = _materialize(work, sites)
-        points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
+        points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None,
+                         [k for k, _ in net.named_parameters()])
+        rel = pts / end_time  # REPAIR / RESCALE interpolate the endpoints' statistics on [0, 1]
         if chosen == "loop":
             merge = max(1, batch_size // bn_batch_size) if model is not None else 1
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
+            _run_loop(work, points, rel, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
         else:
-            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
+            _run_vmap(work, points, rel, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
     n = torch.tensor([len(y) for _, y in sets.values()], dtype=torch.float64)
     loss, acc = (ev.loss.cpu() / n[:, None]).numpy(), (ev.correct.cpu().double() / n[:, None]).numpy()
     top5 = (ev.correct5.cpu().double() / n[:, None]).numpy()
@@ -515,11 +560,12 @@ def evaluate_path(
         "accuracy_top5": top5[0].tolist(),
     }
     if named:
-        result = PathResult.from_sets(pts.numpy(), {k: (loss[i], acc[i]) for i, k in enumerate(sets)}, meta)
+        result = PathResult.from_sets(pts.numpy(), {k: (loss[i], acc[i]) for i, k in enumerate(sets)}, meta,
+                                      length=points.length(), end_time=end_time)
         for i, part in enumerate(result.sets.values()):
             part.meta["accuracy_top5"] = top5[i].tolist()
             part.warn_nonfinite()
         return result
-    result = PathResult(pts.numpy(), loss[0], acc[0], meta)
+    result = PathResult(pts.numpy(), loss[0], acc[0], meta, length=points.length(), end_time=end_time)
     result.warn_nonfinite()
     return result
