@@ -32,11 +32,19 @@ def to_notebook(script: Path):
     return nb
 
 
-def execute(nb, cwd: Path, timeout: int = 1800):
-    """Run every cell of ``nb`` in a fresh kernel started in ``cwd`` (outputs stored in ``nb``)."""
+def execute(nb, cwd: Path, timeout: int = 1800, script: Path | None = None):
+    """Run every cell of ``nb`` in a fresh kernel started in ``cwd`` (outputs stored in ``nb``).
+
+    ``script``: the source script; ``__file__`` is set to it first (scripts may locate files from it).
+    """
+    import nbformat
     from nbclient import NotebookClient
 
+    if script is not None:
+        nb.cells.insert(0, nbformat.v4.new_code_cell(f"__file__ = {str(Path(script).resolve())!r}"))
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    if script is not None:
+        nb.cells.pop(0)
     return nb
 
 
@@ -49,7 +57,7 @@ def build(script: Path) -> Path:
     """Convert, execute in ``examples/``, and write ``script``'s ``.ipynb`` beside it."""
     import nbformat
 
-    nb = execute(to_notebook(script), HERE.parent)
+    nb = execute(to_notebook(script), HERE.parent, script=script)
     nb.metadata["lmc_settings"] = {k: os.environ.get(k, "default") for k in SETTINGS}
     target = script.with_suffix(".ipynb")
     nbformat.write(nb, target)

@@ -47,6 +47,6 @@ def test_notebook_executes_on_tiny_settings(script: Path, tmp_path: Path, monkey
     monkeypatch.setenv("LMC_MODELS", "2")
     monkeypatch.setenv("LMC_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = build_notebooks.execute(build_notebooks.to_notebook(script), tmp_path, timeout=300)
+    nb = build_notebooks.execute(build_notebooks.to_notebook(script), tmp_path, timeout=300, script=script)
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
     assert any((tmp_path / "out").rglob("*")), f"{script.name} wrote nothing to LMC_OUT"

@@ -202,9 +202,8 @@ class BaseDataModule(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its data is used")
         return self._splits[split]
 
-    def _transform(self, augment: bool, train: bool = False) -> BatchTransform:
-        erasing, grayscale = (self.random_erasing, self.random_grayscale) if train else (0.0, 0.0)
-        return BatchTransform(self.mean, self.std, self.normalize, augment, self.crop_padding, erasing, grayscale)
+    def _transform(self, augment: bool) -> BatchTransform:
+        return BatchTransform(self.mean, self.std, self.normalize, augment, self.crop_padding)
 
     def _placement(self) -> tuple[torch.device, int, int]:
         """``(device, rank, world_size)`` from the attached trainer, else CPU on a single process."""
@@ -220,7 +219,9 @@ class BaseDataModule(LightningDataModule):
         """A loader over ``(x, y)`` (shuffled, augmented and sharded as training data when ``train``); ``key`` names
         the tensors' device-resident copy."""
         batch_size = self.batch_size if train else self.eval_batch_size
-        transform = self._transform(augment=train and self.augment, train=train)
+        transform = self._transform(augment=train and self.augment)
+        if train and isinstance(transform, BatchTransform):  # erasing / grayscale on training batches only
+            transform.erasing, transform.grayscale = self.random_erasing, self.random_grayscale
         device, rank, world_size = self._placement()
         if self.device_resident:
             if key not in self._resident or self._resident[key][0].device != device:
