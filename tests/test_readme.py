@@ -240,3 +240,24 @@ def test_bare_import_reaches_the_subpackages() -> None:
     assert lmc_lightning.__getattr__("nets").available()[0] == "mlp"
     with pytest.raises(AttributeError, match="no attribute 'nots'"):
         lmc_lightning.__getattr__("nots")
+
+
+def test_path_test_logs_a_summary_a_figure_and_shows_progress(trained, fake_fmnist_root: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, a bar over the points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["test", "--model", "InterpolationModule", "--model.endpoints", f"[{trained[0]},{trained[1]}]",
+            "--model.num_points", "5", "--data", "FashionMNISTDataModule", "--data.root", str(fake_fmnist_root),
+            "--trainer.logger", "TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.accelerator", "cpu"]
+    cli = main(args)
+    metrics = set(cli.trainer.callback_metrics)
+    assert metrics == {f"barrier/{n}" for n in ("loss", "accuracy", "loss_mean", "accuracy_mean")} | {
+        f"endpoint/{m}_t={t}" for m in ("loss", "acc") for t in ("0.00", "1.00")}
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "path" in events.Tags()["images"]
+    assert "InterpolationModule: test points" in capsys.readouterr().err  # the bar over the 5 points
+    main([*args, "--trainer.enable_progress_bar", "false"])
+    assert "test points" not in capsys.readouterr().err

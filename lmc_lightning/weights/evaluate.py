@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -232,7 +232,8 @@ def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
     return int(min(AUTO_BATCH_MAX, max(len(probe), AUTO_MEMORY_FRACTION * (free + cached) // per_sample)))
 
 
-def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1) -> None:
+def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1,
+              progress=None) -> None:
     """One point after another: weights copied into ``work``; ``model`` (default ``work``) runs the forward passes,
     e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors).
     BN reset forwards up to ``merge`` statistics batches at once (:func:`~lmc_lightning.weights.renorm.reset_bn`)."""
@@ -248,9 +249,11 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
             _load(state, repaired)
         for x, y in ev.batches:
             ev.add(model(x), y, i)
+        if progress is not None:
+            progress(1)
 
 
-def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
+def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size, progress=None) -> None:
     batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
     device = ev.loss.device
     for start in range(0, len(coords), chunk_size):
@@ -263,6 +266,8 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
                                    sites=sites, endpoint_stats=endpoint_stats, sync=False)
         for x, y in ev.batches:
             ev.add(batched(w, x), y, slice(start, stop))
+        if progress is not None:
+            progress(stop - start)
 
 
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
@@ -299,6 +304,7 @@ def evaluate_path(
     align: str | None = None,
     align_samples: int = 5000,
     fuse_norms: bool | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> PathResult:
     """Loss and accuracy of ``net`` with the weights of ``path`` at many points.
 
@@ -336,6 +342,8 @@ def evaluate_path(
             add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels on CUDA,
             float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton
             (:func:`lmc_lightning.weights.fused.supported`).
+        progress: Called with the number of points just evaluated (e.g. ``tqdm.update``), after each point (loop)
+            or chunk (vmap); on CUDA the work may still be queued when it is called.
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
@@ -424,9 +432,9 @@ def evaluate_path(
         points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
             merge = max(1, batch_size // bn_batch_size) if model is not None else 1
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge)
+            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, progress)
         else:
-            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
+            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), progress)
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {
