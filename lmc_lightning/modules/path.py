@@ -301,7 +301,8 @@ class PathModule(LMCModule):
 
     def _make_template(self, spec: dict[str, Any]) -> nn.Module:
         kwargs = dict(spec)
-        template = get_net(kwargs.pop("name"), **kwargs).eval()
+        with torch.random.fork_rng(devices=[]):  # its weights are never used: leave the run's random stream alone
+            template = get_net(kwargs.pop("name"), **kwargs).eval()
         template.requires_grad_(False)
         self.net_spec = spec
         object.__setattr__(self, "_template", template)
