@@ -6,12 +6,10 @@ import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
 import torch
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).

@@ -15,7 +15,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -132,7 +131,7 @@ def test_cli_rows_exit_zero_and_write_where_the_readme_says(trained, curve_ckpt,
 
 def test_curve_checkpoint_is_self_contained_and_checked(curve_ckpt: Path, workspace: Path, fake_fmnist_root: Path,
                                                         tmp_path: Path, capsys, monkeypatch) -> None:
-    """`lmc test --ckpt_path` from another folder needs no endpoint files; wrong or mistyped paths are one-line errors."""
+    """`lmc test --ckpt_path` elsewhere needs no endpoint files; wrong or mistyped paths are one-line errors."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the endpoints' relative paths (runs/EndpointModule/...) do not resolve here
@@ -169,7 +168,8 @@ def test_python_rows(trained, rows, fake_fmnist_root: Path) -> None:
 
 def _console_script(folder: Path) -> Path:
     """An ``lmc`` script as pip writes it from pyproject's ``[project.scripts]`` entry."""
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lmc"]
+    scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1]
+    target = re.search(r'^lmc\s*=\s*"([^"]+)"', scripts, re.M).group(1)  # (tomllib needs Python 3.11)
     module, func = target.split(":")
     script = folder / "lmc"
     script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")

@@ -35,7 +35,8 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
 
 from lmc_lightning.weights import fused, renorm
-from lmc_lightning.weights.data import materialize, seeded_subset, to_device as _move
+from lmc_lightning.weights.data import materialize, seeded_subset
+from lmc_lightning.weights.data import to_device as _move
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
