@@ -354,6 +354,10 @@ def evaluate_path(
         ValueError: Non-finite endpoint weights (naming the endpoint and tensor), or data the net cannot run on
             (naming the input shape).
     """
+    if torch.is_inference_mode_enabled():  # e.g. Lightning's test loop: the evaluator updates its copies in place
+        arguments = dict(locals())
+        with torch.inference_mode(False):
+            return evaluate_path(**arguments)
     start_time = time.perf_counter()
     if bn == "auto":  # BN reset where there is BatchNorm, nothing to recompute elsewhere
         bn = "reset" if renorm.batchnorms(net) else None
