@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -11,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -192,8 +193,12 @@ class LMCModule(LightningModule):
         self._schedule: dict[str, float] | None = None
 
     def on_fit_end(self) -> None:
-        """Forget the schedule length of this fit (a later ``fit`` of the same module computes its own)."""
+        """Say where the run's files are; forget the schedule length of this fit (a later ``fit`` computes its own)."""
         self._schedule = None
+        checkpoint = self.trainer.checkpoint_callback
+        folder = getattr(checkpoint, "dirpath", None) or self.trainer.log_dir
+        if folder:
+            rank_zero_info(f"{type(self).__name__}: run files in {os.path.abspath(folder)}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record which module wrote the checkpoint (checked by :meth:`on_load_checkpoint`), the random generators'
