@@ -29,13 +29,16 @@ def _read(path: str | os.PathLike) -> Any:
         ) from err
 
 
-def load_weights(path: str | os.PathLike, prefix: str = "net") -> tuple[dict[str, Tensor], NetSpec | None]:
+def load_weights(path: str | os.PathLike, prefix: str = "net", index: int | None = None
+                 ) -> tuple[dict[str, Tensor], NetSpec | None]:
     """Read the network weights stored in a checkpoint.
 
     Args:
         path: A Lightning ``.ckpt`` of an lmc_lightning module, or a plain state dict file.
         prefix: Submodule holding the network inside a Lightning checkpoint (``"net"``; ``"net_a"``/``"net_b"`` for
             a ``PairModule``).
+        index: Member of a zoo checkpoint (``EndpointModule(num_models=K)``) to read; required for one, must be
+            None (or 0) for a single network.
 
     Returns:
         The state dict and the net spec (``{"name": ..., "num_classes": ..., ...}``), None for a plain state dict.
@@ -59,12 +62,29 @@ def load_weights(path: str | os.PathLike, prefix: str = "net") -> tuple[dict[str
         raise ValueError(f"{path} has no weights under '{prefix}'; its top-level modules are {found}.")
     check_finite(state, f"Checkpoint {path} ({prefix})")
     hp = obj.get("hyper_parameters", {})
+    state = _select_member(state, int(hp.get("num_models", 1) or 1), index, path)
     spec = None
     if isinstance(hp.get("net"), str):
         shape = hp.get("input_shape", (3, 32, 32))
         spec = {"name": hp["net"], "num_classes": hp.get("num_classes", 10), "in_channels": shape[0],
                 "input_size": shape[1], **(hp.get("net_kwargs") or {})}
     return state, spec
+
+
+def _select_member(state: dict[str, Tensor], num_models: int, index: int | None, path: Any) -> dict[str, Tensor]:
+    """Member ``index`` of a zoo's stacked weights; the state itself for a single network."""
+    from lmc_lightning.weights.stacked import unstack_state
+
+    if num_models <= 1:
+        if index not in (None, 0):
+            raise ValueError(f"{path} holds a single network; index={index} asks for a zoo member (use index=None).")
+        return state
+    if index is None:
+        raise ValueError(f"{path} is a zoo checkpoint of {num_models} networks: pass index=k (0..{num_models - 1}), "
+                         "e.g. load_net(path, index=3), or load the member's own file model_03/last.ckpt.")
+    if not -num_models <= index < num_models:
+        raise ValueError(f"index {index} is out of range for the zoo of {num_models} networks in {path}.")
+    return {k: v.clone() for k, v in unstack_state(state, index).items()}
 
 
 def check_state_matches(net: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -84,20 +104,23 @@ def check_state_matches(net: nn.Module, state: Mapping[str, Tensor], source: str
                              "pick the net name and arguments the checkpoint was trained with.")
 
 
-def load_net(path: str | os.PathLike, net: str | None = None, prefix: str = "net", **net_kwargs: Any) -> nn.Module:
+def load_net(path: str | os.PathLike, net: str | None = None, prefix: str = "net", index: int | None = None,
+             **net_kwargs: Any) -> nn.Module:
     """Load a trained network as a plain ``nn.Module`` in eval mode.
 
     Args:
         path: An ``EndpointModule`` ``.ckpt`` (architecture read from it) or a plain state dict file.
         net: Registry name; required for a plain state dict, overrides the checkpoint's otherwise.
         prefix: Submodule name inside a Lightning checkpoint.
+        index: Member of a zoo checkpoint (``EndpointModule(num_models=K)``); each member is also written on its own
+            as ``model_kk/last.ckpt``, which loads without it.
         **net_kwargs: Architecture arguments (``num_classes``, ``in_channels``, ``input_size``, ``width``, ...),
             overriding those stored in the checkpoint.
 
     Raises:
         ValueError: Unreadable file, unknown architecture, or a tensor mismatch (named, with both shapes).
     """
-    state, spec = load_weights(path, prefix)
+    state, spec = load_weights(path, prefix, index)
     if net is None and spec is None:
         raise ValueError(f"{path} is a plain state dict: pass the architecture, e.g. load_net(path, net='mlp', ...).")
     spec = dict(spec or {})

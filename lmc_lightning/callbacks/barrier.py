@@ -27,7 +27,10 @@ class InterpolationBarrier(Callback):
 
     * ``"init"``: the network's own weights when fit started (restored from the checkpoint on resume);
     * ``"twin"``: the other network of a :class:`~lmc_lightning.modules.pair.PairModule` (``pl_module.net_b``);
-    * a checkpoint path: fixed weights (``reference_prefix`` names the network inside a Lightning checkpoint).
+    * a checkpoint path: fixed weights (``reference_prefix`` names the network inside a Lightning checkpoint);
+    * ``"zoo"``: between members of a zoo (``EndpointModule(num_models=K)``), on the disjoint pairs (0, 1), (2, 3),
+      ...; each pair is logged with a ``_kk_ll`` suffix (``barrier/loss_00_01``) and the unsuffixed names hold the
+      mean over pairs. With another reference, a zoo's member 0 is the trained network.
 
     Each measurement evaluates ``num_points`` points on (at most ``max_eval_samples`` samples of) the chosen split
     and logs ``barrier/loss``, ``barrier/accuracy``, ``barrier/loss_mean`` and ``barrier/accuracy_mean`` to every
@@ -35,7 +38,7 @@ class InterpolationBarrier(Callback):
     Under DDP every rank evaluates its slice and the sums are all-reduced.
 
     Args:
-        reference: ``"init"``, ``"twin"`` or a checkpoint file.
+        reference: ``"init"``, ``"twin"``, ``"zoo"`` or a checkpoint file.
         every_n_epochs: Measure at the end of every n-th training epoch; ``None``: not by epochs.
         every_fraction: Also measure every ``every_fraction`` of training (in optimiser steps, e.g. 0.1: ten times);
             ``None``: not by fraction. A step is measured at most once.
@@ -75,9 +78,9 @@ class InterpolationBarrier(Callback):
         log_prefix: str = "barrier",
         seed: int = 0,
     ) -> None:
-        if reference not in ("init", "twin") and not os.path.isfile(reference):
-            raise ValueError(f"reference must be 'init', 'twin' or an existing checkpoint file; {reference!r} is "
-                             "neither (check the path).")
+        if reference not in ("init", "twin", "zoo") and not os.path.isfile(reference):
+            raise ValueError(f"reference must be 'init', 'twin', 'zoo' or an existing checkpoint file; {reference!r} "
+                             "is none of these (check the path).")
         if every_n_epochs is None and every_fraction is None and not at_start:
             raise ValueError("Nothing would be measured: set every_n_epochs, every_fraction or at_start.")
         if every_n_epochs is not None and every_n_epochs < 1:
@@ -123,6 +126,8 @@ class InterpolationBarrier(Callback):
 
     @staticmethod
     def _net(pl_module: LightningModule, name: str = "net") -> nn.Module:
+        if name == "net" and getattr(pl_module, "num_models", 1) > 1:
+            return pl_module.member(0)
         net = getattr(pl_module, name, None)
         if not isinstance(net, nn.Module):
             raise ValueError(f"InterpolationBarrier needs pl_module.{name} (a network); {type(pl_module).__name__} "
@@ -136,6 +141,10 @@ class InterpolationBarrier(Callback):
         net = self._net(pl_module)
         if self.reference == "twin":
             self._net(pl_module, "net_b")
+        elif self.reference == "zoo":
+            if getattr(pl_module, "num_models", 1) < 2:
+                raise ValueError("InterpolationBarrier(reference='zoo') needs a zoo: EndpointModule(num_models=K) "
+                                 "with K >= 2.")
         elif self.reference != "init" and self._fixed is None:
             state, _ = load_weights(self.reference, self.reference_prefix)
             check_state_matches(net, state, source=f"reference {self.reference}")
@@ -186,19 +195,38 @@ class InterpolationBarrier(Callback):
             return self.init_weights
         return self._fixed
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Evaluate the barrier now and log it (all ranks must call this together)."""
-        device = pl_module.device
-        theta = {k: v.detach().clone() for k, v in self._net(pl_module).state_dict().items()}
-        ref = {k: v.detach().to(device, copy=True) for k, v in self._reference_weights(pl_module).items()}
-        ref = {k: ref[k] for k in theta}
+    def _line_metrics(self, trainer: Trainer, theta: dict[str, Tensor], ref: dict[str, Tensor],
+                      device: torch.device) -> dict[str, float]:
+        ref = {k: ref[k].detach().to(device, copy=True) for k in theta}
         coords = torch.linspace(0, 1, self.num_points, dtype=torch.float64)[:, None]
         result = evaluate_on_ranks(
             Linear(theta, ref), self._template, self._data, trainer, coords=coords, bn=self.bn,
             train_data=self._train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=device, precision=self.precision, strategy=self.strategy,
         )
-        metrics = summary_metrics(result, self.log_prefix)
+        return summary_metrics(result, self.log_prefix)
+
+    def _zoo_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Barriers of the disjoint member pairs (0, 1), (2, 3), ... and their means."""
+        zoo = pl_module.net
+        per_pair = []
+        for a in range(0, pl_module.num_models - 1, 2):
+            theta = {k: v.detach().clone() for k, v in zoo.member_state(a).items()}
+            pair = self._line_metrics(trainer, theta, zoo.member_state(a + 1), pl_module.device)
+            per_pair.append({f"{k}_{a:02d}_{a + 1:02d}": v for k, v in pair.items()})
+            per_pair[-1]["mean"] = pair
+        metrics = {k: sum(p["mean"][k] for p in per_pair) / len(per_pair) for k in per_pair[0]["mean"]}
+        for pair in per_pair:
+            metrics.update({k: v for k, v in pair.items() if k != "mean"})
+        return metrics
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Evaluate the barrier now and log it (all ranks must call this together)."""
+        if self.reference == "zoo":
+            metrics = self._zoo_metrics(trainer, pl_module)
+        else:
+            theta = {k: v.detach().clone() for k, v in self._net(pl_module).state_dict().items()}
+            metrics = self._line_metrics(trainer, theta, self._reference_weights(pl_module), pl_module.device)
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
+from lmc_lightning.checkpoint import save_net
+from lmc_lightning.data.loaders import DeviceLoader
+from lmc_lightning.data.zoo import ZooBatches
+from lmc_lightning.metrics.totals import ClassificationTotals
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
+from lmc_lightning.weights.stacked import StackedNets
 
 
 def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net_kwargs: dict[str, Any] | None,
@@ -23,7 +30,28 @@ def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net
 
 
 class EndpointModule(LMCModule):
-    """Train a single classifier.
+    """Train a single classifier, or a zoo of ``num_models`` classifiers in one run.
+
+    Logged: ``train/loss_step`` (on the steps the loggers write, every ``trainer.log_every_n_steps``),
+    ``train/loss_epoch`` and ``train/acc`` per epoch (``train/loss`` in ``callback_metrics``), ``val/loss``,
+    ``val/acc``, ``test/loss``, ``test/acc``. Epoch values come from sums kept on the device
+    (:class:`~lmc_lightning.metrics.totals.ClassificationTotals`), so a training step reads nothing back to the host
+    and calls ``self.log`` only when a logger will write. They are logged from the module's ``on_*_epoch_end``
+    hooks, so monitoring callbacks (``ModelCheckpoint``, ``EarlyStopping``) see them.
+
+    **Zoo** (``num_models = K > 1``): member ``k`` is initialised with seed ``seed + k`` and reads the training data
+    in the order (and augmentation stream) that data seed ``data.seed + k`` gives, so it is the run
+    ``--model.seed {seed+k} --data.seed {data.seed+k}`` (when the data seed only orders the data: no ``val_split``,
+    ``subset_mode="first"``). All members train together: ``self.net`` is a
+    :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights through ``torch.func.vmap``, BatchNorm
+    statistics per member), the loss is the sum of the members' mean losses and one element-wise optimiser steps
+    them all (exactly as one optimiser per member; do not clip gradients by global norm). Logged metrics are the
+    mean over members plus each member's under a ``_kk`` suffix (``val/acc_03``). Under DDP every rank holds all
+    members and a share of each member's data (data split across ranks). Checkpoints: the Lightning checkpoint
+    holds the stacked weights (``load_net(ckpt, index=k)``); at the end of every training epoch each member is also
+    written alone, in the single-model layout that ``load_net`` and every path module read, to
+    ``<checkpoint dir>/model_kk/last.ckpt`` (the ``ModelCheckpoint`` folder, else ``<default_root_dir>/zoo``).
+    ``channels_last`` is ignored for zoos. ``num_models=1`` is the plain single-model module.
 
     Args:
         net: Registry name (see ``lmc_lightning.nets.available()``).
@@ -33,7 +61,11 @@ class EndpointModule(LMCModule):
         optim: Optimiser and schedule.
         label_smoothing: Label smoothing of the loss.
         seed: Seed of the network's initialisation (independent of data order); None: the global RNG, as seeded by
-            the run's ``seed_everything`` (so ``--seed_everything N`` varies it).
+            the run's ``seed_everything`` (so ``--seed_everything N`` varies it). Zoo member ``k`` uses ``seed + k``
+            (with None, the members draw one after another from the global RNG).
+        channels_last: Keep conv weights and image batches in channels-last memory layout (faster convolutions on
+            GPUs with tensor cores, notably under bf16; no effect on nets without ``Conv2d``).
+        num_models: Train this many networks at once (a zoo); 1: a single network.
     """
 
     def __init__(
@@ -45,35 +77,160 @@ class EndpointModule(LMCModule):
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
         seed: int | None = None,
+        channels_last: bool = False,
+        num_models: int = 1,
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
+        if num_models < 1:
+            raise ValueError(f"num_models must be >= 1 (1: a single network, K > 1: a zoo), got {num_models}.")
         self.save_hparams()
-        self.net = build_net(net, num_classes, self.input_shape, net_kwargs, seed)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.num_models = num_models
+        nets = [build_net(net, num_classes, self.input_shape, net_kwargs, None if seed is None else seed + k)
+                for k in range(num_models)]
+        self.net = nets[0] if num_models == 1 else StackedNets(nets)
+        self.channels_last = (channels_last and num_models == 1
+                              and any(isinstance(m, nn.Conv2d) for m in self.net.modules()))
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.train_totals = ClassificationTotals(num_models)
+        self.val_totals = ClassificationTotals(num_models)
+        self.test_totals = ClassificationTotals(num_models)
+        self._zoo_batches: ZooBatches | None = None
+
+    @property
+    def is_zoo(self) -> bool:
+        """Whether several networks train together."""
+        return self.num_models > 1
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of the network."""
+        """Logits of the network, ``[B, classes]``; of every zoo member on the same batch, ``[K, B, classes]``."""
+        if self.is_zoo:
+            return self.net(x, shared=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, acc: MulticlassAccuracy) -> Tensor:
-        return self.classification_step(self.net, *batch, acc, stage)
+    def member(self, index: int) -> nn.Module:
+        """Network ``index`` of the zoo as a plain ``nn.Module`` (a copy); ``self.net`` itself when not a zoo."""
+        if not self.is_zoo:
+            if index not in (0, -1):
+                raise IndexError(f"member {index} of a single-network module (num_models=1).")
+            return self.net
+        return self.net.member(index)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
+        x, y = batch
+        totals: ClassificationTotals = getattr(self, f"{stage}_totals")
+        if not self.is_zoo:
+            logits = self(x)
+            loss = self.criterion(logits, y)
+            totals.update(logits, y, loss)
+            return loss
+        if stage == "train":
+            # Built here, after Lightning's batch transfer: apply the precision plugin's input cast (e.g. 64-true).
+            x, y = self.trainer.precision_plugin.convert_input(self._zoo_batches.batch(batch_idx, self.device))
+            logits = self.net(x)
+        else:
+            logits, y = self.net(x, shared=True), y.expand(self.num_models, -1)
+        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none",
+                                 label_smoothing=self.criterion.label_smoothing).mean(1)
+        totals.update(logits, y, losses)
+        # Each member's gradient is that of its own mean loss; the logged step loss is the members' mean.
+        return losses.sum() if stage == "train" else losses.mean()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Cross-entropy step."""
-        return self._step(batch, "train", self.train_acc)
+        """Cross-entropy step (of every zoo member on its own batch)."""
+        loss = self._step(batch, "train", batch_idx)
+        if self._logs_this_step():
+            # A host copy (one sync per logging step): the progress bar reads its values on every step, which for
+            # a device tensor would make the host wait for the GPU each step.
+            self.log("train/loss_step", (loss.detach() / self.num_models).cpu(), on_step=True, on_epoch=False,
+                     prog_bar=True)
+        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Validation loss and accuracy."""
-        self._step(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Test loss and accuracy."""
-        self._step(batch, "test", self.test_acc)
+        self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class indices."""
+        """Predicted class indices, ``[B]`` (``[K, B]`` for a zoo)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=1)
+        return self(x).argmax(dim=-1)
+
+    def _logs_this_step(self) -> bool:
+        """Whether a logger writes step metrics after this training step (the rule Lightning's own callbacks use)."""
+        trainer = self.trainer
+        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch's mean loss and accuracy from the device sums (all-reduced under DDP), then reset them."""
+        totals: ClassificationTotals = getattr(self, f"{stage}_totals")
+        if totals.update_count == 0:
+            return
+        # Host copies (one sync per epoch), so the progress bar's per-step reads do not wait for the GPU.
+        loss, acc = (value.reshape(-1).cpu() for value in totals.compute())  # torchmetrics squeezes K = 1
+        totals.reset()
+        loss_name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
+        self.log(loss_name, loss.mean(), prog_bar=True)
+        if stage == "train":
+            self.log("train/loss", loss.mean(), logger=False)
+        self.log(f"{stage}/acc", acc.mean(), prog_bar=True)
+        if self.is_zoo:
+            for k in range(self.num_models):
+                self.log(f"{loss_name}_{k:02d}", loss[k])
+                self.log(f"{stage}/acc_{k:02d}", acc[k])
+
+    # Zoo data and member checkpoints --------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        """Zoo: draw every member's data order for this epoch."""
+        if not self.is_zoo:
+            return
+        if self._zoo_batches is None:
+            loader = self.trainer.train_dataloader
+            base = loader.seed if isinstance(loader, DeviceLoader) else getattr(self.trainer.datamodule, "seed", 0)
+            self._zoo_batches = ZooBatches(loader, [int(base) + k for k in range(self.num_models)],
+                                           rank=self.global_rank, world_size=self.trainer.world_size)
+        self._zoo_batches.start_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+        if self.is_zoo:
+            self.save_members()
+
+    def on_fit_end(self) -> None:
+        self._zoo_batches = None
+
+    def member_dir(self) -> Path:
+        """Folder of the per-member checkpoints: the ``ModelCheckpoint`` folder, else ``<default_root_dir>/zoo``."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath)
+        return Path(self.trainer.default_root_dir) / "zoo"
+
+    def save_members(self, folder: str | os.PathLike | None = None) -> list[Path]:
+        """Write every zoo member as ``<folder>/model_kk/last.ckpt`` in the single-model checkpoint layout (rank 0).
+
+        Returns:
+            The files written (empty on other ranks).
+        """
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return []
+        folder = Path(folder) if folder is not None else self.member_dir()
+        hp = self.hparams
+        spec = {"name": hp["net"], "num_classes": self.num_classes, "in_channels": self.input_shape[0],
+                "input_size": self.input_shape[1], **(hp.get("net_kwargs") or {})}
+        states = ({name: v.detach().clone() for name, v in self.net.member_state(k).items()}  # no shared storage
+                  for k in range(self.num_models))
+        return [save_net(folder / f"model_{k:02d}" / "last.ckpt", state, spec) for k, state in enumerate(states)]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")

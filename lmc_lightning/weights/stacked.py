@@ -1,0 +1,94 @@
+"""K copies of one architecture with stacked weights, run together through ``torch.func.vmap``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+SEP = ":"  # stands for "." in registered names (never part of a Python attribute name)
+
+
+class StackedNets(nn.Module):
+    """A zoo of ``K`` networks of one architecture held as stacked tensors (``[K, *shape]`` per weight).
+
+    Every parameter and buffer of the architecture is one tensor with a leading model axis, registered under its
+    state-dict name with ``"."`` replaced by ``":"`` (``layers:0:weight``). The forward pass runs all members at once
+    with ``vmap(functional_call(...))`` over those tensors; matrix products become batched ones and convolutions
+    grouped ones. BatchNorm keeps per-member running statistics (updated in place, per member, in train mode). An
+    element-wise optimiser (SGD, Adam, AdamW) over the stacked tensors updates each member exactly as its own
+    optimiser would; anything that couples parameters (gradient clipping by global norm) couples the members.
+
+    Args:
+        nets: The members' initial networks (same architecture); their tensors are copied.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(nets) < 1:
+            raise ValueError("StackedNets needs at least one network.")
+        keys = list(nets[0].state_dict())
+        for i, net in enumerate(nets[1:], 1):
+            if list(net.state_dict()) != keys:
+                raise ValueError(f"network {i} has a different architecture from network 0 (state-dict keys differ).")
+        params, buffers = stack_module_state(list(nets))
+        self.num_models = len(nets)
+        self.keys = keys
+        self.param_names = list(params)
+        self.buffer_names = list(buffers)
+        for name, value in params.items():
+            self.register_parameter(name.replace(".", SEP), nn.Parameter(value.detach().clone()))
+        for name, value in buffers.items():
+            self.register_buffer(name.replace(".", SEP), value.clone())
+        # The architecture without storage: functional_call supplies every tensor. Not a registered submodule.
+        self.__dict__["template"] = copy.deepcopy(nets[0]).to("meta")
+
+    def train(self, mode: bool = True) -> StackedNets:
+        """Set train/eval mode of the members."""
+        super().train(mode)
+        self.template.train(mode)
+        return self
+
+    def _tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        params = {n: getattr(self, n.replace(".", SEP)) for n in self.param_names}
+        buffers = {n: getattr(self, n.replace(".", SEP)) for n in self.buffer_names}
+        return params, buffers
+
+    def forward(self, x: Tensor, shared: bool = False) -> Tensor:
+        """Logits of every member: ``x`` is ``[K, B, ...]`` (one batch per member), or ``[B, ...]`` fed to all
+        members when ``shared`` (then convolutions of all members run as one). Returns ``[K, B, classes]``."""
+        if not shared and x.shape[0] != self.num_models:
+            raise ValueError(f"expected one batch per member, [{self.num_models}, B, ...]; got {tuple(x.shape)}. "
+                             "Pass shared=True to feed one batch to every member.")
+        params, buffers = self._tensors()
+
+        def member(p: dict[str, Tensor], b: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            return functional_call(self.template, (p, b), (inputs,))
+
+        return vmap(member, in_dims=(0, 0, None if shared else 0), randomness="different")(params, buffers, x)
+
+    def member_state(self, index: int) -> dict[str, Tensor]:
+        """Member ``index``'s state dict (views of the stacked tensors), in the architecture's key order."""
+        if not -self.num_models <= index < self.num_models:
+            raise IndexError(f"member index {index} out of range for a zoo of {self.num_models}.")
+        return {k: getattr(self, k.replace(".", SEP))[index] for k in self.keys}
+
+    def member(self, index: int) -> nn.Module:
+        """Member ``index`` as a plain network (a copy, with the zoo's device and dtypes, in its train/eval mode)."""
+        net = copy.deepcopy(self.template)
+        net.load_state_dict({k: v.detach().clone() for k, v in self.member_state(index).items()}, assign=True)
+        return net.train(self.training)
+
+    @torch.no_grad()
+    def load_member(self, index: int, state: dict[str, Tensor]) -> None:
+        """Copy a plain network's state dict into member ``index``."""
+        for k in self.keys:
+            getattr(self, k.replace(".", SEP))[index].copy_(state[k])
+
+
+def unstack_state(stacked: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+    """Member ``index`` of a :class:`StackedNets` state dict (``":"``-joined names), with ``"."`` names."""
+    return {k.replace(SEP, "."): v[index] for k, v in stacked.items()}
