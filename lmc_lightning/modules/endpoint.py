@@ -204,6 +204,7 @@ class EndpointModule(LMCModule):
             self.save_members()
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()
         self._zoo_batches = None
 
     def member_dir(self) -> Path:
