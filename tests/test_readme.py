@@ -180,7 +180,8 @@ def _console_script(folder: Path) -> Path:
 def test_lmc_script_chains_fit_and_test_and_reports_errors_in_one_line(fake_fmnist_root: Path,
                                                                         tmp_path: Path) -> None:
     _console_script(tmp_path)
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": python_path,
            "OMP_NUM_THREADS": "1"}
     args = " ".join(shlex.quote(a) for a in tiny("lmc fit --config configs/endpoint/fmnist_mlp.yaml", fake_fmnist_root))
     out = tmp_path / "out"

@@ -134,7 +134,7 @@ def test_zoo_barrier_between_member_pairs(fake_fmnist_root: Path, tmp_path: Path
     data.setup()
     a, b = zoo.member(0).eval(), zoo.member(1).eval()
     result = evaluate_path(Linear(a.state_dict(), b.state_dict()), a,
-                           seeded_subset(data.split_tensors("test"), 10_000, seed=0), num_points=5)
+                           seeded_subset(data.split_tensors("test"), 10_000, seed=0), num_points=5, device="cpu")
     assert h["barrier/loss_00_01"] == pytest.approx(float(result.loss_barrier), abs=1e-5)
     with pytest.raises(ValueError, match="needs a zoo"):
         _fit(EndpointModule(**MLP_NET), fake_fmnist_root, tmp_path / "one", epochs=1,
