@@ -7,7 +7,8 @@ from lmc_lightning.modules.ensemble import EnsembleModule
 from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
+from lmc_lightning.modules.prune import PruneModule
 from lmc_lightning.modules.surface import SurfaceModule
 
 __all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "InterpolationModule", "LMCModule",
-           "OptimConfig", "PairModule", "PathModule", "SurfaceModule"]
+           "OptimConfig", "PairModule", "PathModule", "PruneModule", "SurfaceModule"]

@@ -12,6 +12,7 @@ from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight
 from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.permutation import align_weights
+from lmc_lightning.weights.renorm import RenormOptions
 
 AlignMode = Literal["weight", "activation", "ste"]
 
@@ -32,8 +33,15 @@ class InterpolationModule(PathModule):
         save_aligned: Write the aligned endpoint 1 to this ``.ckpt`` (readable by ``load_net`` and usable as an
             endpoint of any path module); ``None``: don't.
         num_points: Points on ``t`` in [0, 1], endpoints included.
-        bn: BatchNorm statistics at every point: ``"auto"`` (``"reset"`` where the net has BatchNorm, else
-            ``None``), ``"reset"``, ``"repair"``, ``"rescale"`` or ``None`` (interpolated).
+        bn: Statistics at every point: ``"auto"`` (``"reset"`` where the net has BatchNorm, else ``None``),
+            ``"reset"`` (BN reset on training data), ``"reset_test"`` (data-independent
+            RESET: BN in train mode on each test batch), ``"repair"``, ``"rescale"`` (the rethink-re-basin seed's
+            ``y / sigma * sigma_goal``), ``"reshift"``, ``"rescale_centered"`` (mean-preserving) or ``None``
+            (interpolated running statistics); see :mod:`lmc_lightning.weights.renorm`.
+        renorm_options: Site rule and variants of re-normalisation, fields of
+            :class:`~lmc_lightning.weights.renorm.RenormOptions`: ``{sites: auto|pre_norm|post_norm|[names],
+            average: false, factor: 1.0, sequential: false, statistics: pooled|seed}``.
+        homogeneous: Interpolate biases homogeneously, ``(1 - t)^h b_a + t^h b_b`` (``Linear(homogeneous=True)``).
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -61,6 +69,8 @@ class InterpolationModule(PathModule):
         save_aligned: str | None = None,
         num_points: int = 21,
         bn: BNMode | None = "auto",
+        renorm_options: dict[str, Any] | None = None,
+        homogeneous: bool = False,
         bn_batches: int = 20,
         bn_batch_size: int = 500,
         evaluation_batch_size: int | None = None,
@@ -89,6 +99,8 @@ class InterpolationModule(PathModule):
             net_kwargs=net_kwargs, output_dir=output_dir, num_classes=num_classes, input_shape=input_shape,
             optim=optim, label_smoothing=label_smoothing,
         )
+        self.renorm_options = RenormOptions.parse(renorm_options)
+        self.homogeneous = homogeneous
         self.align = align
         self.align_samples = align_samples
         self.save_aligned = save_aligned
@@ -123,5 +135,5 @@ class InterpolationModule(PathModule):
         return self.align_endpoints(thetas)
 
     def build_path(self, thetas: list[WeightDict]) -> Path:
-        """The straight line between the two endpoints."""
-        return Linear(thetas[0], thetas[1])
+        """The straight line between the two endpoints (biases homogeneous when ``homogeneous``)."""
+        return Linear(thetas[0], thetas[1], homogeneous=self.homogeneous)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
+from lmc_lightning.checkpoint import check_state_matches, load_weights
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler, mix_seed
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.modules.endpoint import build_net
@@ -38,6 +39,11 @@ class PairModule(LMCModule):
     Checkpoints hold both nets: ``load_net(ckpt, prefix="net_a")`` / ``prefix="net_b"``. ``self.net`` is ``net_a``
     (the network the ``InterpolationBarrier`` callback trains against its ``"twin"``).
 
+    Starting points: ``init`` gives checkpoints for ``net_a`` and ``net_b`` (one file for both, or one each; loaded in
+    ``setup("fit")``, as the rethink-re-basin seed's ``--init-model``). Distances, as the seed's ``run_ex.py`` logs
+    them: at the end of every training epoch ``distance/a_b`` (``||theta_a - theta_b||``), ``distance/a_init`` and
+    ``distance/b_init`` (each net's distance to its weights when fit started), over parameters (not buffers).
+
     Args:
         net: Registry name of both networks.
         net_kwargs: Extra architecture arguments.
@@ -48,6 +54,9 @@ class PairModule(LMCModule):
         seed_a: Initialisation seed of ``net_a``.
         seed_b: Initialisation seed of ``net_b`` (used when neither ``same_init`` nor ``spawn_step``).
         data_seed: Seed of ``net_b``'s data order.
+        init: Checkpoint(s) to start from: ``[both]`` or ``[for_a, for_b]``; ``None``: fresh initialisations.
+        init_prefix: Network submodule inside the ``init`` Lightning checkpoints (one name, or one per file; e.g.
+            ``[net_a, net_b]`` for a PairModule checkpoint given twice).
         num_classes: Number of classes (linked from the data).
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser and schedule (shared by both nets).
@@ -64,6 +73,8 @@ class PairModule(LMCModule):
         seed_a: int = 0,
         seed_b: int = 1,
         data_seed: int = 1,
+        init: list[str] | None = None,
+        init_prefix: str | list[str] = "net",
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
         optim: OptimConfig | None = None,
@@ -76,6 +87,13 @@ class PairModule(LMCModule):
         if not same_init and spawn_step == 0 and seed_a == seed_b:
             raise ValueError(f"seed_a == seed_b == {seed_a} gives both nets the same initialisation; set "
                              "same_init=true to mean that, or pick different seeds.")
+        self.init = [str(p) for p in init] if init is not None else []
+        if init is not None and len(self.init) not in (1, 2):
+            raise ValueError(f"init takes one checkpoint (for both nets) or two (net_a, net_b), got {len(self.init)}.")
+        prefixes = [init_prefix] if isinstance(init_prefix, str) else list(init_prefix)
+        if len(prefixes) not in (1, 2):
+            raise ValueError(f"init_prefix takes one name or two, got {len(prefixes)}.")
+        self.init_prefix = prefixes
         self.save_hparams()
         self.same_data_order = same_data_order
         self.spawn_step = spawn_step
@@ -90,6 +108,8 @@ class PairModule(LMCModule):
         })
         self._loader_b: Any = None
         self._iter_b: Any = None
+        self.start_weights: dict[str, dict[str, Tensor]] | None = None
+        self._init_loaded = False
 
     @property
     def net(self) -> nn.Module:
@@ -99,6 +119,58 @@ class PairModule(LMCModule):
     def forward(self, x: Tensor) -> Tensor:
         """Logits of ``net_a``."""
         return self.net_a(x)
+
+    # Starting points and distances -------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Load the ``init`` checkpoints into the nets (fit only, once; a resumed run's checkpoint then overrides)."""
+        if stage != "fit" or not self.init or self._init_loaded:
+            return
+        files = self.init * 2 if len(self.init) == 1 else self.init
+        prefixes = self.init_prefix * 2 if len(self.init_prefix) == 1 else self.init_prefix
+        for side, path, prefix in zip(SIDES, files, prefixes, strict=True):
+            net = getattr(self, f"net_{side}")
+            state, _ = load_weights(path, prefix)
+            check_state_matches(net, state, source=f"init checkpoint {path} (prefix '{prefix}')")
+            net.load_state_dict({k: state[k] for k in net.state_dict()})
+        self._init_loaded = True
+        rank_zero_info(f"PairModule: net_a and net_b start from {', '.join(files)}.")
+
+    def on_fit_start(self) -> None:
+        """Remember each net's starting parameters (unless restored from a checkpoint)."""
+        if self.start_weights is None:
+            self.start_weights = {side: {n: p.detach().clone() for n, p in getattr(self, f"net_{side}")
+                                         .named_parameters()} for side in SIDES}
+
+    @torch.no_grad()
+    def distances(self) -> dict[str, float]:
+        """``distance/a_b``, ``distance/a_init`` and ``distance/b_init`` (L2 over parameters)."""
+        params = {side: dict(getattr(self, f"net_{side}").named_parameters()) for side in SIDES}
+
+        def norm(x: dict[str, Tensor], y: dict[str, Tensor]) -> float:
+            return float(torch.sqrt(sum(((x[k].double() - y[k].to(x[k].device).double()) ** 2).sum() for k in x)))
+
+        out = {"distance/a_b": norm(params["a"], params["b"])}
+        if self.start_weights is not None:
+            out.update({f"distance/{side}_init": norm(params[side], self.start_weights[side]) for side in SIDES})
+        return out
+
+    def on_train_epoch_end(self) -> None:
+        """Log the distances."""
+        for name, value in self.distances().items():
+            self.log(name, value, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the starting parameters, so that distances continue correctly on resume."""
+        if self.start_weights is not None:
+            checkpoint["pair_start_weights"] = {side: {k: v.cpu() for k, v in w.items()}
+                                                for side, w in self.start_weights.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the starting parameters (and skip loading ``init`` again)."""
+        self._init_loaded = True
+        if "pair_start_weights" in checkpoint:
+            self.start_weights = {side: dict(w) for side, w in checkpoint["pair_start_weights"].items()}
 
     # Spawning -------------------------------------------------------------------------------------------------------
 

@@ -23,10 +23,11 @@ from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
 from lmc_lightning.weights.evaluate import evaluate_path
 from lmc_lightning.weights.paths import Path, check_compatible
+from lmc_lightning.weights.renorm import RenormOptions
 from lmc_lightning.weights.result import PathResult
 
 WeightDict = dict[str, Tensor]
-BN_MODES: tuple[str, ...] = ("reset", "repair", "rescale")
+BN_MODES: tuple[str, ...] = ("reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered")
 """Statistics modes of :func:`~lmc_lightning.weights.evaluate.evaluate_path`; ``bn`` also takes ``"auto"`` (reset
 where there is BatchNorm, nothing elsewhere) and None. A plain string checked against this set, so new modes only need
 adding here and in the evaluator."""
@@ -87,13 +88,15 @@ def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], t
     if world == 1:
         return result
     n = float(len(y))
-    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n)], dtype=torch.float64)
+    top5 = [float(a) for a in result.meta.get("accuracy_top5", result.accuracy)]
+    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n), [a * n for a in top5]],
+                        dtype=torch.float64)
     count = torch.tensor([n], dtype=torch.float64)
     device = trainer.strategy.root_device
     sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
     count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
     mean = (sums / count).numpy()
-    meta = {**result.meta, "world_size": world, "num_samples": int(count.item())}
+    meta = {**result.meta, "world_size": world, "num_samples": int(count.item()), "accuracy_top5": mean[2].tolist()}
     return dataclasses.replace(result, loss=mean[0], accuracy=mean[1], meta=meta)
 
 
@@ -115,7 +118,7 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
 
 
 EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
-                 "output_dir")
+                 "output_dir", "renorm_options")
 
 
 class PathModule(LMCModule):
@@ -133,9 +136,11 @@ class PathModule(LMCModule):
     Args:
         endpoints: Endpoint checkpoints (Lightning ``.ckpt`` of an lmc_lightning module or plain state dicts).
         num_points: Grid points per path coordinate (``t`` on a curve; ``num_points**2`` points on a surface).
-        bn: Recompute BatchNorm statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else
-            ``None``), ``"reset"`` (on training data), ``"repair"`` or ``"rescale"`` (see :data:`BN_MODES`);
-            ``None`` keeps the path's interpolated running statistics.
+        bn: Statistics at every point: ``"auto"`` (``"reset"`` for nets with BatchNorm, else ``None``),
+            ``"reset"`` (BN reset on training data), ``"reset_test"``, ``"repair"``, ``"rescale"`` (the
+            rethink-re-basin seed's, no centring), ``"reshift"`` or ``"rescale_centered"`` (mean-preserving) (see
+            :data:`BN_MODES` and :mod:`lmc_lightning.weights.renorm`); ``None`` keeps the path's interpolated
+            running statistics.
         bn_batches: Batches of training data for the BN statistics.
         bn_batch_size: Batch size of the BN statistics pass.
         evaluation_batch_size: Batch size of the evaluation pass (None: as large as memory allows on CUDA, 1000
@@ -153,6 +158,8 @@ class PathModule(LMCModule):
         label_smoothing: Label smoothing of the training loss (trainable paths).
     """
 
+    renorm_options: RenormOptions | None = None
+    """Site rule and variants of ``bn`` re-normalisation (set by modules that expose them)."""
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
@@ -354,7 +361,7 @@ class PathModule(LMCModule):
             self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
-            strategy=self.eval_strategy,
+            strategy=self.eval_strategy, renorm_options=self.renorm_options,
         )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

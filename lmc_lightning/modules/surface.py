@@ -18,6 +18,7 @@ from torch import Tensor
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.curve import BNChoice, FittedPathModule, check_fitting_args
 from lmc_lightning.modules.path import WeightDict
+from lmc_lightning.weights import renorm
 from lmc_lightning.weights.curves import CORNERS, BezierSurface
 from lmc_lightning.weights.fit import sample_boundary, sample_uniform
 from lmc_lightning.weights.paths import Path
@@ -89,7 +90,7 @@ class SurfaceModule(FittedPathModule):
             raise ValueError(f"num_bends must be a positive integer (free points per edge), got {num_bends!r}.")
         if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
             raise ValueError(f"init_epochs must be a non-negative integer (edge-only warm-up), got {init_epochs!r}.")
-        if bn in ("repair", "rescale"):
+        if bn in renorm.MODES:
             raise ValueError(f"bn={bn!r} interpolates endpoint statistics along a curve; a surface needs 'auto', "
                              "'reset' or None.")
         check_fitting_args(num_samples, reg, bn)

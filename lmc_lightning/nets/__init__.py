@@ -5,7 +5,14 @@ your own. Nets are built only from standard modules (Conv2d, Linear, BatchNorm2d
 Flatten) and residual ``+``, so ``torch.fx.symbolic_trace`` and ``torch.func.functional_call`` work on all of them.
 """
 
-from lmc_lightning.nets import mlp, preresnet, resnet, vgg, vgg_garipov  # noqa: F401  (registers the built-in nets)
+from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
+    fixup,
+    mlp,
+    preresnet,
+    resnet,
+    vgg,
+    vgg_garipov,
+)
 from lmc_lightning.nets.mlp import MLP
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register

@@ -9,7 +9,8 @@ through a BN-fused trace of the net (:mod:`lmc_lightning.weights.fused`: BatchNo
 pass) with large batches: the evaluation batch is as large as memory allows, and BN reset forwards many statistics
 batches at once, each still normalised by its own statistics.
 
-Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``; see :mod:`lmc_lightning.weights.renorm`) are taken at every
+Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``, ``"reshift"``, ``"rescale_centered"``; see
+:mod:`lmc_lightning.weights.renorm`) are taken at every
 point on the same ``bn_batches x bn_batch_size`` training samples, a subset drawn with :data:`STATS_SEED` (all of the
 training data, in order, when it is not larger). Weights at each point come from the path's coefficients, computed
 on the device once for all points (paths are linear combinations of their control points), so evaluating a point
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -35,7 +37,8 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.conv import _ConvNd
 
 from lmc_lightning.weights import fused, renorm
-from lmc_lightning.weights.data import materialize, seeded_subset, to_device as _move
+from lmc_lightning.weights.data import materialize, seeded_subset
+from lmc_lightning.weights.data import to_device as _move
 from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
@@ -51,7 +54,8 @@ forward memory fits in this fraction of the device's free memory."""
 STATS_SEED = 0
 """Seed of the random subset of training samples used for statistics (BN reset, REPAIR, RESCALE)."""
 
-BNMode = Literal["reset", "repair", "rescale"]
+BNMode = Literal["auto", "reset", "reset_test", "repair", "rescale", "reshift", "rescale_centered"]
+BN_MODES = ("reset", "reset_test", *renorm.MODES)
 _PRECISIONS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
 
 
@@ -168,6 +172,12 @@ def _load(state: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
             dst.copy_(value)
 
 
+def _top5(logits: Tensor, y: Tensor) -> Tensor:
+    """Whether ``y`` is among the 5 largest logits (all classes when there are fewer), per sample."""
+    k = min(5, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(-1)
+
+
 class _Evaluator:
     """Per-point loss sums and correct counts over device-resident test batches."""
 
@@ -175,17 +185,20 @@ class _Evaluator:
         self.batches = batches
         self.loss = torch.zeros(num_points, dtype=torch.float64, device=device)
         self.correct = torch.zeros(num_points, dtype=torch.long, device=device)
+        self.correct5 = torch.zeros(num_points, dtype=torch.long, device=device)
 
     def add(self, logits: Tensor, y: Tensor, index: int | slice) -> None:
         """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice."""
         if logits.dim() == 2:
             self.loss[index] += F.cross_entropy(logits.float(), y, reduction="sum")
             self.correct[index] += (logits.argmax(-1) == y).sum()
+            self.correct5[index] += _top5(logits, y).sum()
             return
         c, b, k = logits.shape
         losses = F.cross_entropy(logits.float().reshape(c * b, k), y.repeat(c), reduction="none")
         self.loss[index] += losses.view(c, b).sum(1)
         self.correct[index] += (logits.argmax(-1) == y).sum(1)
+        self.correct5[index] += _top5(logits, y).sum(-1)
 
 
 class _Points:
@@ -232,7 +245,21 @@ def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
     return int(min(AUTO_BATCH_MAX, max(len(probe), AUTO_MEMORY_FRACTION * (free + cached) // per_sample)))
 
 
-def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1) -> None:
+@contextlib.contextmanager
+def _batch_statistics_bn(net: nn.Module):
+    """BatchNorm layers normalise by the statistics of each batch (train mode); flags restored afterwards."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.eval()
+
+
+def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1,
+              options=None) -> None:
     """One point after another: weights copied into ``work``; ``model`` (default ``work``) runs the forward passes,
     e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors).
     BN reset forwards up to ``merge`` statistics batches at once (:func:`~lmc_lightning.weights.renorm.reset_bn`)."""
@@ -242,15 +269,27 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
         _load(state, {**defaults, **points.at(i)})
         if bn == "reset":
             renorm.reset_bn(model, stats, sync=False, merge=merge)
+        elif bn == "reset_test":
+            with _batch_statistics_bn(model):
+                for x, y in ev.batches:
+                    ev.add(model(x), y, i)
+            continue
         elif bn is not None:
             repaired = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
-                                          endpoint_stats=endpoint_stats, sync=False)
+                                          endpoint_stats=endpoint_stats, sync=False, **_renorm_kwargs(options))
             _load(state, repaired)
         for x, y in ev.batches:
             ev.add(model(x), y, i)
 
 
-def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size) -> None:
+def _renorm_kwargs(options: renorm.RenormOptions | None) -> dict[str, Any]:
+    if options is None:
+        return {}
+    return {"average": options.average, "factor": options.factor, "sequential": options.sequential,
+            "statistics": options.statistics}
+
+
+def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size, options=None) -> None:
     batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
     device = ev.loss.device
     for start in range(0, len(coords), chunk_size):
@@ -260,7 +299,8 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
             w = renorm.reset_bn(work, stats, w, stacked=True, sync=False)
         elif bn is not None:
             w = renorm.renormalize(work, None, None, w, coords[start:stop, 0].to(device), stats, bn, stacked=True,
-                                   sites=sites, endpoint_stats=endpoint_stats, sync=False)
+                                   sites=sites, endpoint_stats=endpoint_stats, sync=False,
+                                   **_renorm_kwargs(options))
         for x, y in ev.batches:
             ev.add(batched(w, x), y, slice(start, stop))
 
@@ -299,6 +339,7 @@ def evaluate_path(
     align: str | None = None,
     align_samples: int = 5000,
     fuse_norms: bool | None = None,
+    renorm_options: renorm.RenormOptions | Mapping[str, Any] | None = None,
 ) -> PathResult:
     """Loss and accuracy of ``net`` with the weights of ``path`` at many points.
 
@@ -313,8 +354,11 @@ def evaluate_path(
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
         bn: ``None``; ``"auto"`` (``"reset"`` for nets with BatchNorm, else ``None``); ``"reset"`` (recompute BN
-            running statistics at each point); ``"repair"`` or ``"rescale"``
-            (see :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
+            running statistics at each point); ``"reset_test"`` (the seed's
+            data-independent RESET: BN layers normalise each evaluation batch by its own statistics, no training
+            data; so it depends on ``batch_size``; loop strategy); ``"repair"``, ``"rescale"`` (the seed's, no
+            centring), ``"reshift"`` or ``"rescale_centered"`` (mean-preserving) (see
+            :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
         train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
             needed.
         bn_batches: Number of statistics batches.
@@ -336,6 +380,9 @@ def evaluate_path(
             add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels on CUDA,
             float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton
             (:func:`lmc_lightning.weights.fused.supported`).
+        renorm_options: Site rule and variants of re-normalisation (:class:`~lmc_lightning.weights.renorm.
+            RenormOptions` or a mapping of its fields: ``sites``, ``average``, ``factor``, ``sequential``,
+            ``statistics``).
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
@@ -348,15 +395,16 @@ def evaluate_path(
     start_time = time.perf_counter()
     if bn == "auto":  # BN reset where there is BatchNorm, nothing to recompute elsewhere
         bn = "reset" if renorm.batchnorms(net) else None
-    if bn not in (None, "reset", "repair", "rescale"):
-        raise ValueError(f"bn must be None, 'reset', 'repair' or 'rescale', got {bn!r}.")
+    if bn is not None and bn not in BN_MODES:
+        raise ValueError(f"bn must be None or one of {BN_MODES}, got {bn!r}.")
+    options = renorm.RenormOptions.parse(renorm_options)
     if strategy not in ("auto", "loop", "vmap"):
         raise ValueError(f"strategy must be 'auto', 'loop' or 'vmap', got {strategy!r}.")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
     if (batch_size is not None and batch_size < 1) or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}.")
-    if bn in ("repair", "rescale") and path.dim != 1:
+    if bn in renorm.MODES and path.dim != 1:
         raise ValueError(f"bn={bn!r} interpolates the endpoints' statistics along a curve; this path has dim "
                          f"{path.dim}. Use bn='reset' or None for surfaces.")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -370,7 +418,7 @@ def evaluate_path(
 
     x_test, y_test = _tensors(data, "test", "data")
     stats_x = None
-    if bn is not None:
+    if bn is not None and bn != "reset_test":
         if train_data is None and not _is_datamodule(data):
             raise ValueError(f"bn={bn!r} needs training data for statistics: pass train_data=(x, y) (or a "
                              "Dataset / datamodule), or pass a datamodule as data.")
@@ -380,14 +428,18 @@ def evaluate_path(
     for p in work.parameters():
         p.requires_grad_(False)
     check_compatible(dict(work.state_dict()), path.endpoint(0), names=["net", "path"])
-    if bn == "reset" and not renorm.batchnorms(work):
-        raise ValueError(f"bn='reset' needs BatchNorm layers with running statistics; {type(net).__name__} has none. "
+    if bn in ("reset", "reset_test") and not renorm.batchnorms(work):
+        raise ValueError(f"bn={bn!r} needs BatchNorm layers with running statistics; {type(net).__name__} has none. "
                          "Use bn=None, or 'repair'/'rescale' for nets without BatchNorm.")
     has_conv = any(isinstance(m, _ConvNd) for m in work.modules())
     mode = _PRECISIONS[precision]
     bf16 = mode == "bf16" or (mode == "auto" and device.type == "cuda")
     channels_last = bf16 and has_conv and device.type == "cuda"
     chosen = choose_strategy(work, device) if strategy == "auto" else strategy
+    if bn == "reset_test":
+        if strategy == "vmap":
+            raise ValueError("bn='reset_test' runs BN in train mode, which vmap cannot batch; use strategy='loop'.")
+        chosen = "loop"
 
     def to_device(x: Tensor, what: str = "data") -> Tensor:
         x = _move(x, device, dtype=torch.bfloat16 if bf16 and x.is_floating_point() else None, what=what)
@@ -397,7 +449,7 @@ def evaluate_path(
         work = work.to(memory_format=torch.channels_last)
     x_dev, y_dev = to_device(x_test), _move(y_test, device, what="data")
     stats = ([to_device(b, "train_data") for b in _stats_batches(stats_x, bn_batches, bn_batch_size)]
-             if bn is not None else None)
+             if stats_x is not None else None)
     path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if fuse_norms is None:
@@ -412,28 +464,32 @@ def evaluate_path(
         test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
         ev = _Evaluator(test_batches, len(pts), device)
         sites, endpoint_stats, defaults = None, None, {}
-        if bn in ("repair", "rescale"):
+        if bn in renorm.MODES:
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
-            sites = renorm.find_sites(work, stats[0][:2], theta_a)
+            sites = renorm.find_sites(work, stats[0][:2], theta_a, options.sites)
             if not sites:
-                raise ValueError(f"bn={bn!r}: {type(net).__name__} has no hidden conv/linear layer to renormalise.")
-            endpoint_stats = tuple(renorm.site_statistics(work, stats, th, sites=sites, sync=False)
+                raise ValueError(f"bn={bn!r}: {type(net).__name__} has no site to renormalise under the site rule "
+                                 f"{options.sites!r} (try renorm_options={{'sites': 'post_norm'}}).")
+            endpoint_stats = tuple(renorm.site_statistics(work, stats, th, sites=sites, sync=False,
+                                                          statistics=options.statistics)
                                    for th in (theta_a, theta_b))
             if chosen == "loop":
                 defaults = _materialize(work, sites)
         points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
         if chosen == "loop":
             merge = max(1, batch_size // bn_batch_size) if model is not None else 1
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge)
+            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
         else:
-            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts))
+            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
     n = len(y_test)
     loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
     meta = {
-        "bn": bn, "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
+        "bn": bn, **({"renorm_options": dataclasses.asdict(options)} if bn in renorm.MODES else {}),
+        "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
         "channels_last": channels_last, "batch_size": batch_size,
         "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
         "seconds": time.perf_counter() - start_time,
+        "accuracy_top5": (ev.correct5.double() / n).cpu().tolist(),
     }
     result = PathResult(pts.numpy(), loss, acc, meta)
     result.warn_nonfinite()

@@ -240,20 +240,54 @@ class Path(nn.Module, ABC):
         return {k: out[k] for k in self.keys_}
 
 
+def bias_degrees(keys: Sequence[str]) -> dict[str, int]:
+    """``{bias key: h}`` with ``h`` the number of ``*weight*`` keys up to it in state-dict order (the
+    rethink-re-basin seed's ``interpolate_state_dicts(bias_norm=True)``)."""
+    height, out = 0, {}
+    for key in keys:
+        if "batches" in key:
+            continue
+        if "weight" in key:
+            height += 1
+        if "bias" in key:
+            out[key] = height
+    return out
+
+
 class Linear(Path):
     """The straight line ``(1 - t) * theta_a + t * theta_b``.
+
+    With ``homogeneous``, biases follow ``(1 - t)^h * b_a + t^h * b_b`` instead, ``h`` being the number of weight
+    tensors up to that bias (:func:`bias_degrees`): the homogeneous interpolation of Qu & Horvath's seed, under which
+    a bias-carrying ReLU net scales like a bias-free one. Every other tensor (weights, BN running statistics) stays
+    linear; the seed zeroes running statistics here instead (they are re-estimated by a BN reset anyway).
 
     Args:
         theta_a: Weights at ``t = 0``.
         theta_b: Weights at ``t = 1``.
+        homogeneous: Homogeneous bias interpolation.
     """
 
-    def __init__(self, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> None:
+    def __init__(self, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], homogeneous: bool = False
+                 ) -> None:
         super().__init__([theta_a, theta_b])
+        self.homogeneous = bool(homogeneous)
+        self.degrees = {k: h for k, h in bias_degrees(self.keys_).items() if k in self.float_keys and h != 1}
 
     def coefficients(self, coords: Tensor) -> Tensor:
         t = coords[:, 0]
         return torch.stack([1 - t, t], dim=1)
+
+    def from_coefficients(self, coef: Tensor | Sequence[float], control: Mapping[str, Tensor] | None = None
+                          ) -> WeightDict:
+        """As :meth:`Path.from_coefficients`; with ``homogeneous``, bias coefficients raised to their degree."""
+        out = super().from_coefficients(coef, control)
+        if not self.homogeneous:
+            return out
+        for key, h in self.degrees.items():
+            powered = coef.pow(h) if isinstance(coef, Tensor) else [float(c) ** h for c in coef]
+            out[key] = combine(powered, control[key] if control is not None else self.control_points(key))
+        return out
 
 
 def neuron_center(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor]) -> WeightDict:

@@ -1,29 +1,60 @@
-"""Statistics along paths: BatchNorm reset, REPAIR and RESCALE, as maps from weight dict to weight dict.
+"""Statistics along paths: BatchNorm reset and re-normalisation (REPAIR, RESCALE, RESHIFT), as maps from weight
+dict to weight dict.
 
 Statistics are taken per batch (count, per-channel mean and variance, from the fused batch-norm kernel, so a bf16
-activation is never copied to float32), turned into float64 sums (count, sum, sum of squares), all-reduced with
-``torch.distributed`` when it is initialised (so each rank may pass its own share of the data and the result is
-exact), and only then turned into means and variances.
+activation is never copied to float32), turned into float64 sums (count, sum, sum of squares, and the sums of the
+per-batch means and unbiased variances), all-reduced with ``torch.distributed`` when it is initialised (so each rank
+may pass its own share of the data and the result is exact), and only then turned into means and variances.
 
 * :func:`reset_bn` recomputes BatchNorm running statistics: the exact mean and (unbiased) variance of every BN
   layer's input over the given batches, with each BN normalising by its batch statistics on the way (train-mode
   forward, as ``momentum=None`` does), written in place with ``copy_`` (module) or into a new weight dict.
-* :func:`renormalize` applies REPAIR (Jordan et al., 2022) or RESCALE (Qu & Horvath, "Rethink model re-basin and the
-  linear mode connectivity", 2024) to an interpolated net: the per-channel output statistics of every pre-activation
-  *site* are corrected towards the interpolation of the endpoints' statistics, ``(1 - t) * stat_a + t * stat_b``.
-  REPAIR matches mean and standard deviation; RESCALE matches only the standard deviation and keeps the channel's
-  own mean. A site is a conv/linear layer's output, or the output of the normalisation layer (BatchNorm, GroupNorm,
-  LayerNorm, InstanceNorm) that directly consumes it; the net's final layer (the logits) is left alone. The
-  correction ``y -> a * y + b`` is fused into the site's weight and bias (the norm's affine parameters). A layer built
-  without bias gets a ``<layer>.bias`` entry in the returned dict, which ``torch.func.functional_call`` accepts.
+* :func:`renormalize` corrects the per-channel output statistics of every *site* of an interpolated net towards a
+  goal, by default ``(1 - t) * stat_a + t * stat_b`` (:func:`interpolate_statistics`; N models with weights
+  ``alpha_i``: :func:`mix_statistics` and :func:`renormalize_to`). The modes, with ``mu``/``sigma`` the channel's
+  own mean and ``sqrt(var + eps)``:
 
-Corrections are found in one pass per point, as in Jordan et al.: during the pass every BN layer normalises with its
-batch statistics and every site is renormalised with its batch statistics, so later layers see already corrected
-inputs; the pooled statistics of the pass give the fused correction. With a single statistics batch the pass is exact.
+  - ``"repair"`` (Jordan et al., 2022): ``y' = (y - mu) / sigma * sigma_goal + mu_goal``;
+  - ``"rescale"``, as in Qu & Horvath ("Rethink model re-basin and the linear mode connectivity", 2024; their
+    ``BatchScale2d``): ``y' = y / sigma * sigma_goal``, **no centring**, so the channel mean scales by
+    ``sigma_goal / sigma`` too;
+  - ``"reshift"`` (their ``BatchShift2d``): ``y' = y - mu + mu_goal``;
+  - ``"rescale_centered"``, the mean-preserving variant (this library's earlier "rescale", not the seed's):
+    ``y' = (y - mu) / sigma * sigma_goal + mu``.
+
+  Variants, as in the seed's ``repair()``: ``average`` (a channel-constant goal ``mean|mu_goal| * sign(mu_goal)``,
+  ``mean(sigma_goal)``), ``factor`` (multiplies the goal mean and std) and ``sequential`` (each site corrected alone,
+  in execution order, its statistics measured with the earlier sites already corrected).
+
+Sites (:func:`find_sites`, ``rule``):
+
+* ``"post_norm"`` (this library's rule, after Jordan et al.): every conv/linear layer except the net's output layer;
+  where a normalisation layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) directly consumes the layer's output,
+  the site is that norm layer's output (the correction is fused into its affine parameters).
+* ``"pre_norm"`` (the rethink-re-basin seed's rule): the output of every conv layer, *before* its norm; linear layers
+  are never sites, and a net may list conv layers to skip in a ``renorm_skip`` attribute of glob patterns (the
+  library's ResNets skip the stem and shortcut convs, as the seed corrects only each block's two convs).
+* ``"auto"``: a net's ``renorm_rule`` attribute when it has one (the VGG and ResNet families that the seed uses say
+  ``"pre_norm"``), else ``"post_norm"``.
+
+For BN nets, a correction at a pre-BN site is undone by the BN, whose statistics are re-estimated afterwards, so
+REPAIR/RESCALE there amount to a BN reset (as in the seed).
+
+Statistics (``statistics``): ``"pooled"`` (the library's): exact pooled mean and variance over the statistics batches,
+endpoints in eval mode, ``sigma = sqrt(var + eps)``. ``"seed"`` (the seed's ``TrackLayer``): a train-mode pass (BN
+layers normalise by batch statistics), the average of per-batch means and of per-batch unbiased variances, and the
+goal ``sigma = sqrt(var)`` without ``eps``.
+
+The correction ``y -> a * y + b`` is fused into the site's weight and bias. A layer built without bias gets a
+``<layer>.bias`` entry in the returned dict, which ``torch.func.functional_call`` accepts. Corrections are found in
+one pass per point, as in Jordan et al.: during the pass every BN layer normalises with its batch statistics and every
+site is corrected with its batch statistics, so later layers see already corrected inputs; the statistics of the pass
+give the fused correction. With a single statistics batch the pass is exact.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +71,12 @@ from lmc_lightning.weights.fused import FusedBatchNorm
 
 WeightDict = dict[str, Tensor]
 Stats = dict[str, tuple[Tensor, Tensor]]
-Mode = Literal["repair", "rescale"]
+Mode = Literal["repair", "rescale", "reshift", "rescale_centered"]
+Rule = Literal["auto", "pre_norm", "post_norm"]
+Statistics = Literal["pooled", "seed"]
+MODES = ("repair", "rescale", "reshift", "rescale_centered")
+RULES = ("auto", "pre_norm", "post_norm")
+STATISTICS = ("pooled", "seed")
 
 NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm)
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -48,8 +84,51 @@ EPS = 1e-5
 
 
 @dataclass(frozen=True)
+class RenormOptions:
+    """Settings of a re-normalisation beyond its mode (see the module docstring); passed to
+    :func:`~lmc_lightning.weights.evaluate.evaluate_path` as ``renorm_options`` and to the path modules as
+    ``--model.renorm_options '{sites: post_norm, average: true}'``.
+
+    Attributes:
+        sites: Site rule, ``"auto"``, ``"pre_norm"`` or ``"post_norm"``, or a list of conv/linear module names.
+        average: Channel-constant goal.
+        factor: Multiplies the goal.
+        sequential: Correct one site at a time, in execution order.
+        statistics: ``"pooled"`` (the library's) or ``"seed"`` (train-mode pass, averages of per-batch moments).
+    """
+
+    sites: str | tuple[str, ...] = "auto"
+    average: bool = False
+    factor: float = 1.0
+    sequential: bool = False
+    statistics: str = "pooled"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, str):
+            resolve_rule(nn.Module(), self.sites)
+        else:
+            object.__setattr__(self, "sites", tuple(str(s) for s in self.sites))
+        _check_statistics(self.statistics)
+        if not self.factor > 0:
+            raise ValueError(f"factor must be > 0 (it multiplies the goal statistics), got {self.factor!r}.")
+
+    @classmethod
+    def parse(cls, options: RenormOptions | Mapping | None) -> RenormOptions:
+        """Options from an instance, a mapping of its fields, or None (the defaults)."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        unknown = sorted(set(options) - {"sites", "average", "factor", "sequential", "statistics"})
+        if unknown:
+            raise ValueError(f"Unknown re-normalisation option(s) {unknown}; valid: sites, average, factor, "
+                             "sequential, statistics.")
+        return cls(**dict(options))
+
+
+@dataclass(frozen=True)
 class Site:
-    """A place whose per-channel output statistics REPAIR/RESCALE correct.
+    """A place whose per-channel output statistics re-normalisation corrects.
 
     Attributes:
         name: Module whose output is corrected (and into whose weight/bias the correction is fused).
@@ -107,16 +186,31 @@ class _EvalMode:
             m.training = flag
 
 
-def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | None = None) -> list[Site]:
-    """Trace one forward pass and list the REPAIR sites in execution order.
+def resolve_rule(net: nn.Module, rule: str = "auto") -> str:
+    """The site rule ``"pre_norm"`` or ``"post_norm"`` for ``rule`` (``"auto"``: the net's ``renorm_rule``)."""
+    if rule not in RULES:
+        raise ValueError(f"sites must be one of {RULES} (or a list of module names), got {rule!r}.")
+    if rule == "auto":
+        rule = getattr(net, "renorm_rule", "post_norm")
+    return rule
+
+
+def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | None = None,
+               rule: str | Sequence[str] = "post_norm") -> list[Site]:
+    """Trace one forward pass and list the re-normalisation sites in execution order.
 
     Args:
         net: The network.
         example: A small input batch (two samples are enough).
         weights: Optional weight dict for ``functional_call``.
+        rule: ``"post_norm"``, ``"pre_norm"``, ``"auto"`` (see the module docstring) or a list of conv/linear
+            module names whose outputs are the sites.
 
     Returns:
-        One :class:`Site` per conv/linear layer except the last one executed (the output layer).
+        One :class:`Site` per corrected layer output, in execution order.
+
+    Raises:
+        ValueError: A named module is not a conv/linear layer run by the net.
     """
     outputs: list[tuple[str, Tensor]] = []
     norm_inputs: list[tuple[str, Tensor]] = []
@@ -132,8 +226,20 @@ def find_sites(net: nn.Module, example: Tensor, weights: Mapping[str, Tensor] | 
     finally:
         for h in handles:
             h.remove()
+    order = list(dict.fromkeys(name for name, _ in outputs))
+    if not isinstance(rule, str):
+        unknown = [n for n in rule if n not in order]
+        if unknown:
+            raise ValueError(f"Sites {unknown} are not conv/linear layers run by {type(net).__name__}; pick from "
+                             f"{order}.")
+        return [Site(n, n, "layer") for n in order if n in set(rule)]
+    rule = resolve_rule(net, rule)
     if not outputs:
         return []
+    if rule == "pre_norm":
+        skip = tuple(getattr(net, "renorm_skip", ()))
+        convs = [n for n in order if isinstance(net.get_submodule(n), LAYER_TYPES[:3])]
+        return [Site(n, n, "layer") for n in convs if not any(fnmatch.fnmatchcase(n, pat) for pat in skip)]
     bns = batchnorms(net)
     last = outputs[-1][0]
     sites, seen = [], set()
@@ -233,11 +339,17 @@ class _Pass:
             self._record(f"out:{name}", out, mean, invstd, self.eps)
             return None
         goal_mean, goal_std = self.goal[name]
+        if self.mode == "reshift":
+            _, mean, invstd = torch.native_batch_norm(out, None, None, None, None, True, 0.0, self.eps)
+            self._record(f"out:{name}", out, mean, invstd, self.eps)
+            return (out + _channel_view(goal_mean - mean, out)).to(out.dtype)
         bias = goal_mean if self.mode == "repair" else None
         fixed, mean, invstd = torch.native_batch_norm(out, goal_std, bias, None, None, True, 0.0, self.eps)
         self._record(f"out:{name}", out, mean, invstd, self.eps)
-        if self.mode == "rescale":
-            fixed = fixed + mean.to(fixed.dtype).view(1, -1, *[1] * (out.dim() - 2))
+        if self.mode == "rescale":  # y / sigma * sigma_goal: the normalised part plus the scaled mean
+            fixed = fixed + _channel_view(mean * invstd * goal_std, out).to(fixed.dtype)
+        elif self.mode == "rescale_centered":
+            fixed = fixed + _channel_view(mean, out).to(fixed.dtype)
         return fixed.to(out.dtype)
 
     def run(
@@ -278,6 +390,11 @@ class _Pass:
         return moments
 
 
+def _channel_view(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast over ``[B, C, *spatial]``."""
+    return v.view(1, -1, *[1] * (like.dim() - 2))
+
+
 def _merged(batches: Sequence[Tensor], merge: int) -> list[list[Tensor]]:
     """Consecutive runs of at most ``merge`` batches of one shape (each run is forwarded as one tensor)."""
     runs: list[list[Tensor]] = []
@@ -295,24 +412,29 @@ def _should_sync(sync: bool | None) -> bool:
     return sync
 
 
-def _reduce(moments: Moments, sync: bool | None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """``{key: (count, sum, sum of squares)}`` in float64, summed over batches and (when syncing) over ranks."""
+def _reduce(moments: Moments, sync: bool | None) -> dict[str, tuple[Tensor, ...]]:
+    """``{key: (count, sum, sum of squares, sum of per-batch means, sum of per-batch unbiased variances, number of
+    batches)}`` in float64, summed over batches and (when syncing) over ranks."""
     keys = sorted(moments)
     if not keys:
         return {}
     parts = []
     for k in keys:
         # batches grouped by sample count, weighted with Python numbers: no host-to-device copy, no sync
-        total = s1 = s2 = None
+        total = batches = 0
+        acc = None
         for count, eps in dict.fromkeys((c, e) for c, _, _, e in moments[k]):
             group = [(m, sec) for c, m, sec, e in moments[k] if (c, e) == (count, eps)]
             mean = torch.stack([m for m, _ in group]).double()
             second = torch.stack([sec for _, sec in group]).double()
             var = second if eps is None else (second.pow(-2) - eps).clamp_min(0)
-            a, b = count * mean.sum(0), count * (var + mean * mean).sum(0)
-            s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
-            total = count * len(group) + (total or 0)
-        parts.append((s1.new_full((), float(total)), s1, s2))
+            new = (count * mean.sum(0), count * (var + mean * mean).sum(0), mean.sum(0),
+                   var.sum(0) * (count / max(count - 1, 1)))
+            acc = new if acc is None else tuple(a + b for a, b in zip(acc, new, strict=True))
+            total += count * len(group)
+            batches += len(group)
+        s1 = acc[0]
+        parts.append((s1.new_full((), float(total)), *acc, s1.new_full((), float(batches))))
     if _should_sync(sync):
         flat = torch.cat([t.reshape(-1) for p in parts for t in p])
         dist.all_reduce(flat)
@@ -327,11 +449,21 @@ def _reduce(moments: Moments, sync: bool | None) -> dict[str, tuple[Tensor, Tens
     return dict(zip(keys, parts, strict=True))
 
 
-def _moments(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _moments(n: Tensor, s: Tensor, ss: Tensor, *_: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, biased and unbiased variance from count, sum and sum of squares (float64)."""
     mean = s / n
     var = (ss / n - mean * mean).clamp_min(0)
     return mean, var, var * (n / (n - 1).clamp_min(1))
+
+
+def _site_moments(totals: tuple[Tensor, ...], statistics: str) -> tuple[Tensor, Tensor]:
+    """A site's channel mean and variance: pooled (biased), or the seed's averages of per-batch means and unbiased
+    variances."""
+    if statistics == "seed":
+        nb = totals[5]
+        return totals[3] / nb, totals[4] / nb
+    mean, var, _ = _moments(*totals)
+    return mean, var
 
 
 def _bn_statistics(net: nn.Module, totals: dict) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
@@ -395,31 +527,53 @@ def reset_bn(
     return _write_bn(net, weights, _bn_statistics(net, _reduce(moments, sync)))
 
 
+def _check_statistics(statistics: str) -> None:
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}.")
+
+
 def site_statistics(
     net: nn.Module,
     batches: Tensor | Iterable,
     weights: Mapping[str, Tensor] | None = None,
     *,
     sites: Sequence[Site] | None = None,
+    rule: str | Sequence[str] = "auto",
     stacked: bool = False,
     eps: float = EPS,
     sync: bool | None = None,
+    statistics: Statistics = "pooled",
 ) -> Stats:
-    """Per-channel mean and standard deviation ``sqrt(var + eps)`` of every site's output, net in eval mode.
+    """Per-channel mean and standard deviation of every site's output.
+
+    Args:
+        net: The network.
+        batches: Input tensors (or ``(x, y)`` pairs).
+        weights: Optional weight dict (``[P, ...]`` when stacked).
+        sites: Sites from :func:`find_sites` (traced with ``rule`` when None).
+        rule: Site rule when ``sites`` is None.
+        stacked: ``weights`` hold several points.
+        eps: ``"pooled"``: the std is ``sqrt(var + eps)``.
+        sync: All-reduce across ranks; default: when ``torch.distributed`` is initialised.
+        statistics: ``"pooled"``: exact mean and biased variance, net in eval mode; ``"seed"``: train-mode pass (BN
+            layers use batch statistics), average of per-batch means and of per-batch unbiased variances, std
+            ``sqrt(var)`` (the seed's ``TrackLayer`` with ``momentum=None``).
 
     Returns:
         ``{site name: (mean [C], std [C])}`` (``[P, C]`` when stacked), float64.
     """
+    _check_statistics(statistics)
     batches = _as_batches(batches)
     if sites is None:
-        sites = find_sites(net, batches[0][:2], _first(weights, stacked))
-    with torch.no_grad(), _Pass(net, sites=sites, eps=eps) as p:
+        sites = find_sites(net, batches[0][:2], _first(weights, stacked), rule)
+    bns = batchnorms(net) if statistics == "seed" else ()
+    with torch.no_grad(), _Pass(net, bn_inputs=bns, sites=sites, eps=eps) as p:
         moments = p.run(batches, weights, stacked)
     totals = _reduce(moments, sync)
     out = {}
     for site in sites:
-        mean, var, _ = _moments(*totals[f"out:{site.name}"])
-        out[site.name] = (mean, torch.sqrt(var + eps))
+        mean, var = _site_moments(totals[f"out:{site.name}"], statistics)
+        out[site.name] = (mean, torch.sqrt(var + (eps if statistics == "pooled" else 0.0)))
     return out
 
 
@@ -460,11 +614,147 @@ def _fuse(w: WeightDict, net: nn.Module, site: Site, scale: Tensor, shift: Tenso
     w[f"{site.name}.bias"] = (bias.double() * view(scale, bias.dim()) + view(shift, bias.dim())).to(bias.dtype)
 
 
-def _interpolate_goal(stats_a: Stats, stats_b: Stats, t: Tensor | float) -> Stats:
+def interpolate_statistics(stats_a: Stats, stats_b: Stats, t: Tensor | float) -> Stats:
+    """The goal ``(1 - t) * stat_a + t * stat_b`` of every site (``t`` a float, or ``[P, 1]`` for stacked goals)."""
+    return mix_statistics([stats_a, stats_b], [1 - t, t])
+
+
+def mix_statistics(stats: Sequence[Stats], alpha: Sequence[float | Tensor] | None = None) -> Stats:
+    """The goal ``sum_i alpha_i * stat_i`` of every site, for N models (the seed's ``repair(alpha_s=...)``).
+
+    Args:
+        stats: One :func:`site_statistics` result per model.
+        alpha: One weight per model (floats, or tensors broadcasting against ``[C]``); default uniform ``1 / N``.
+    """
+    if not stats:
+        raise ValueError("mix_statistics needs the statistics of at least one model.")
+    alpha = [1.0 / len(stats)] * len(stats) if alpha is None else list(alpha)
+    if len(alpha) != len(stats):
+        raise ValueError(f"Got {len(alpha)} weights alpha for {len(stats)} models; give one per model.")
+    names = list(stats[0])
+    for i, st in enumerate(stats[1:], 1):
+        if set(st) != set(names):
+            raise ValueError(f"Model {i}'s statistics cover other sites than model 0's: "
+                             f"{sorted(set(st) ^ set(names))}.")
     return {
-        name: ((1 - t) * stats_a[name][0] + t * stats_b[name][0], (1 - t) * stats_a[name][1] + t * stats_b[name][1])
-        for name in stats_a
+        name: (sum(a * st[name][0] for a, st in zip(alpha, stats, strict=True)),
+               sum(a * st[name][1] for a, st in zip(alpha, stats, strict=True)))
+        for name in names
     }
+
+
+def adjust_goal(goal: Stats, average: bool = False, factor: float = 1.0) -> Stats:
+    """The seed's goal variants: ``average`` makes every site's goal channel-constant, ``mean|mu| * sign(mu)`` and
+    ``mean(sigma)``; then both are multiplied by ``factor``."""
+    out = {}
+    for name, (mu, sigma) in goal.items():
+        if average:
+            mu = mu.abs().mean(-1, keepdim=True) * mu.sign()
+            sigma = sigma.mean(-1, keepdim=True).expand_as(sigma)
+        out[name] = (mu * factor, sigma * factor)
+    return out
+
+
+def _correction(mode: str, mu: Tensor, var: Tensor, goal: tuple[Tensor, Tensor], eps: float
+                ) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of ``y -> scale * y + shift`` taking a channel (mean ``mu``, variance ``var``) to the goal."""
+    goal_mean, goal_std = goal
+    if mode == "reshift":
+        return torch.ones_like(mu), goal_mean - mu
+    scale = goal_std / torch.sqrt(var + eps)
+    if mode == "repair":
+        return scale, goal_mean - scale * mu
+    if mode == "rescale":
+        return scale, torch.zeros_like(mu)
+    return scale, (1 - scale) * mu  # rescale_centered
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+
+
+def renormalize_to(
+    net: nn.Module,
+    theta: Mapping[str, Tensor] | None,
+    goal: Stats,
+    batches: Tensor | Iterable,
+    mode: Mode = "repair",
+    *,
+    sites: Sequence[Site] | None = None,
+    rule: str | Sequence[str] = "auto",
+    stacked: bool = False,
+    average: bool = False,
+    factor: float = 1.0,
+    sequential: bool = False,
+    statistics: Statistics = "pooled",
+    eps: float = EPS,
+    sync: bool | None = None,
+) -> WeightDict:
+    """Correct every site of ``theta`` towards ``goal`` (see the module docstring) and re-estimate BN statistics.
+
+    This is the core of :func:`renormalize`; use it directly for N-model goals (:func:`mix_statistics`) or any other
+    goal, e.g. a pruned net towards its dense model's own statistics.
+
+    Args:
+        net: The network (structure; its own weights are used when ``theta`` is None). Not modified.
+        theta: Weights to correct; with ``stacked``, ``P`` points along a leading dim.
+        goal: ``{site: (mean, std)}``, ``[C]`` (or ``[P, C]`` when stacked), for every site.
+        batches: Input tensors (or ``(x, y)`` pairs) of training data on the net's device.
+        mode: ``"repair"``, ``"rescale"``, ``"reshift"`` or ``"rescale_centered"``.
+        sites: Sites from :func:`find_sites` (traced with ``rule`` when None).
+        rule: Site rule when ``sites`` is None: ``"auto"``, ``"pre_norm"``, ``"post_norm"`` or module names.
+        stacked: Whether ``theta`` holds several points (evaluated with ``torch.func.vmap``).
+        average: Channel-constant goal (:func:`adjust_goal`).
+        factor: Multiplies the goal.
+        sequential: Correct one site at a time in execution order, each measured with the earlier ones already
+            fused (one pass per site); otherwise all sites in one pass.
+        statistics: How the corrected net's own channel statistics are estimated (``"pooled"`` or ``"seed"``).
+        eps: Added to variances in the correction.
+        sync: All-reduce statistics across ranks; default: when ``torch.distributed`` is initialised.
+
+    Returns:
+        A new weight dict (stacked if ``stacked``) with corrected weights and re-estimated BN statistics.
+    """
+    _check_mode(mode)
+    _check_statistics(statistics)
+    batches = _as_batches(batches)
+    if sites is None:
+        sites = find_sites(net, batches[0][:2], _first(theta, stacked), rule)
+    if not sites:
+        raise ValueError(f"{type(net).__name__} has no site to renormalise (no hidden conv/linear layer under "
+                         f"this site rule); try sites='post_norm'.")
+    missing = [s.name for s in sites if s.name not in goal]
+    if missing:
+        raise ValueError(f"The goal has no statistics for sites {missing}; compute them with the same sites.")
+    goal = adjust_goal({s.name: goal[s.name] for s in sites}, average, factor)
+    out = dict(theta) if theta is not None else {k: v.clone() for k, v in net.state_dict().items()}
+    groups = [[site] for site in sites] if sequential else [list(sites)]
+    bns = batchnorms(net)
+    with torch.no_grad():
+        for group in groups:
+            goal32 = {s.name: (goal[s.name][0].float(), goal[s.name][1].float()) for s in group}
+            with _Pass(net, bn_inputs=bns, sites=group, mode=mode, eps=eps) as p:
+                moments = p.run(batches, out, stacked, goal32)
+            totals = _reduce(moments, sync)
+            bn_stats = _bn_statistics(net, totals)
+            out = _write_bn(net, out, bn_stats)
+            for site in group:
+                if site.kind == "batchnorm":
+                    # Eval-mode output statistics of the BN with its new running statistics, from its input moments.
+                    _, var_b, var_u = bn_stats[site.name]
+                    lead = tuple(var_b.shape[:1]) if stacked else ()
+                    gamma, beta = _affine(out, net, site, lead, var_b.shape[-1], var_b)
+                    mu, var = beta.double(), gamma.double() ** 2 * var_b / (var_u + net.get_submodule(site.name).eps)
+                else:
+                    mu, var = _site_moments(totals[f"out:{site.name}"], statistics)
+                scale, shift = _correction(mode, mu, var, goal[site.name], eps)
+                _fuse(out, net, site, scale, shift, stacked)
+        if sequential and bns:  # BN statistics of the fully corrected net
+            with _Pass(net, bn_inputs=bns) as p:
+                moments = p.run(batches, out, stacked)
+            out = _write_bn(net, out, _bn_statistics(net, _reduce(moments, sync)))
+    return out
 
 
 def renormalize(
@@ -478,13 +768,19 @@ def renormalize(
     *,
     stacked: bool = False,
     sites: Sequence[Site] | None = None,
+    rule: str | Sequence[str] = "auto",
     endpoint_stats: tuple[Stats, Stats] | None = None,
+    average: bool = False,
+    factor: float = 1.0,
+    sequential: bool = False,
+    statistics: Statistics = "pooled",
     eps: float = EPS,
     sync: bool | None = None,
 ) -> WeightDict:
-    """REPAIR or RESCALE the interpolated weights ``theta_t`` (see the module docstring).
+    """Re-normalise the interpolated weights ``theta_t`` towards ``(1 - t) * stat_a + t * stat_b``.
 
-    BatchNorm running statistics are recomputed on the way (as in :func:`reset_bn`).
+    See the module docstring for the modes, site rules and variants; BatchNorm running statistics are recomputed on
+    the way (as in :func:`reset_bn`).
 
     Args:
         net: The network (structure; its own weights are used when ``theta_t`` is None). Not modified.
@@ -493,55 +789,35 @@ def renormalize(
         theta_t: Weights at ``t``; with ``stacked``, ``P`` points along a leading dim.
         t: Interpolation coefficient(s) of the endpoints' statistics: a float, or ``[P]`` when stacked.
         batches: Input tensors (or ``(x, y)`` pairs) of training data on the net's device.
-        mode: ``"repair"`` (mean and std) or ``"rescale"`` (std only).
+        mode: ``"repair"``, ``"rescale"`` (the seed's, no centring), ``"reshift"`` or ``"rescale_centered"``.
         stacked: Whether ``theta_t`` holds several points (evaluated with ``torch.func.vmap``).
-        sites: Sites from :func:`find_sites` (traced when None).
+        sites: Sites from :func:`find_sites` (traced with ``rule`` when None).
+        rule: Site rule when ``sites`` is None (``"auto"``: the net's own, see :func:`resolve_rule`).
         endpoint_stats: ``(site_statistics(theta_a), site_statistics(theta_b))``, to reuse across points.
+        average: Channel-constant goal (:func:`adjust_goal`).
+        factor: Multiplies the goal.
+        sequential: One site at a time, in execution order (see :func:`renormalize_to`).
+        statistics: ``"pooled"`` or ``"seed"`` (see :func:`site_statistics`), for the endpoints and the corrected net.
         eps: Added to variances before taking standard deviations.
         sync: All-reduce statistics across ranks; default: when ``torch.distributed`` is initialised.
 
     Returns:
         A new weight dict (stacked if ``stacked``) with corrected weights and BN statistics.
     """
-    if mode not in ("repair", "rescale"):
-        raise ValueError(f"mode must be 'repair' or 'rescale', got {mode!r}.")
+    _check_mode(mode)
     batches = _as_batches(batches)
     if sites is None:
-        sites = find_sites(net, batches[0][:2], _first(theta_t, stacked))
+        sites = find_sites(net, batches[0][:2], _first(theta_t, stacked), rule)
     if not sites:
         raise ValueError(f"{type(net).__name__} has no hidden conv/linear layer to renormalise.")
     if endpoint_stats is None:
         if theta_a is None or theta_b is None:
             raise ValueError("renormalize needs theta_a and theta_b, or their endpoint_stats.")
-        endpoint_stats = tuple(site_statistics(net, batches, th, sites=sites, eps=eps, sync=sync)
-                               for th in (theta_a, theta_b))
+        endpoint_stats = tuple(site_statistics(net, batches, th, sites=sites, eps=eps, sync=sync,
+                                               statistics=statistics) for th in (theta_a, theta_b))
     stats_a, stats_b = endpoint_stats
     ref = next(iter(stats_a.values()))[0]
-    if stacked:
-        tt = torch.as_tensor(t, dtype=torch.float64).to(ref.device).reshape(-1, 1)
-    else:
-        tt = float(t)
-    goal = _interpolate_goal({s.name: stats_a[s.name] for s in sites}, stats_b, tt)
-    goal32 = {k: (m.float(), s.float()) for k, (m, s) in goal.items()}
-    bns = batchnorms(net)
-    with torch.no_grad():
-        with _Pass(net, bn_inputs=bns, sites=sites, mode=mode, eps=eps) as p:
-            moments = p.run(batches, theta_t, stacked, goal32)
-        totals = _reduce(moments, sync)
-        bn_stats = _bn_statistics(net, totals)
-        base = dict(theta_t) if theta_t is not None else {k: v.clone() for k, v in net.state_dict().items()}
-        out = _write_bn(net, base, bn_stats)
-        for site in sites:
-            if site.kind == "batchnorm":
-                # Eval-mode output statistics of the BN with its new running statistics, from its input moments.
-                _, var_b, var_u = bn_stats[site.name]
-                lead = tuple(var_b.shape[:1]) if stacked else ()
-                gamma, beta = _affine(out, net, site, lead, var_b.shape[-1], var_b)
-                mu, var = beta.double(), gamma.double() ** 2 * var_b / (var_u + net.get_submodule(site.name).eps)
-            else:
-                mu, var, _ = _moments(*totals[f"out:{site.name}"])
-            goal_mean, goal_std = goal[site.name]
-            scale = goal_std / torch.sqrt(var + eps)
-            shift = goal_mean - scale * mu if mode == "repair" else (1 - scale) * mu
-            _fuse(out, net, site, scale, shift, stacked)
-    return out
+    tt = torch.as_tensor(t, dtype=torch.float64).to(ref.device).reshape(-1, 1) if stacked else float(t)
+    goal = interpolate_statistics({s.name: stats_a[s.name] for s in sites}, stats_b, tt)
+    return renormalize_to(net, theta_t, goal, batches, mode, sites=sites, stacked=stacked, average=average,
+                          factor=factor, sequential=sequential, statistics=statistics, eps=eps, sync=sync)

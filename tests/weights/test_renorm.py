@@ -92,20 +92,20 @@ def test_reset_bn_under_ddp_equals_one_process():
 
 
 @pytest.mark.parametrize("kind", ["bn", "ln", "nobias"])
-@pytest.mark.parametrize("mode", ["repair", "rescale"])
+@pytest.mark.parametrize("mode", ["repair", "rescale", "rescale_centered"])
 def test_renormalize_keeps_the_endpoints(kind, mode):
     a, b = pair(kind)
     x = torch.randn(200, 1, 8, 8)
     xe = torch.randn(50, 1, 8, 8)
     ta, tb = dict(a.state_dict()), dict(b.state_dict())
     atol = 1e-4
-    if kind == "bn" and mode == "rescale":
+    if kind == "bn" and mode != "repair":
         # RESCALE keeps a BN channel's own mean (its bias), which equals the endpoint's eval-mode mean only up to the
         # running statistics' sampling error; reset them on x so that only the 1/n train/eval variance gap remains.
         ta, tb = renorm.reset_bn(a, [x], ta), renorm.reset_bn(a, [x], tb)
         atol = 5e-3
     for t, theta, net in ((0.0, ta, a), (1.0, tb, b)):
-        out = renorm.renormalize(a, ta, tb, theta, t, [x], mode)
+        out = renorm.renormalize(a, ta, tb, theta, t, [x], mode, rule="post_norm")
         ref = functional_call(net, theta, (xe,))
         torch.testing.assert_close(functional_call(a, out, (xe,)), ref, rtol=0, atol=atol)
     if kind == "nobias":
@@ -125,7 +125,7 @@ def test_repair_reaches_the_interpolated_statistics(kind):
     sa, sb = (renorm.site_statistics(a, [x], th, sites=sites, eps=eps) for th in (ta, tb))
     theta = Linear(ta, tb)(0.5)
     before = renorm.site_statistics(a, [x], theta, sites=sites, eps=eps)
-    for mode in ("repair", "rescale"):
+    for mode in ("repair", "rescale", "rescale_centered"):
         out = renorm.renormalize(a, ta, tb, theta, 0.5, [x], mode, sites=sites, eps=eps)
         after = renorm.site_statistics(a, [x], out, sites=sites, eps=eps)
         for s in sites:
@@ -133,12 +133,16 @@ def test_repair_reaches_the_interpolated_statistics(kind):
             torch.testing.assert_close(after[s.name][1], goal_std, rtol=2e-3, atol=1e-4)
             if mode == "repair":
                 torch.testing.assert_close(after[s.name][0], goal_mean, rtol=2e-3, atol=2e-4 * goal_std.max().item())
-        if mode == "rescale":  # the first site sees uncorrected inputs: its mean stays the interpolated net's own
+        if mode == "rescale_centered":  # the first site sees uncorrected inputs: its mean stays the net's own
             first = sites[0].name
             own = theta[f"{first}.bias"].double() if kind == "bn" else before[first][0]  # BN: reset, so its bias
             torch.testing.assert_close(after[first][0], own, rtol=1e-4, atol=1e-5)
             if kind == "ln":  # which is not the REPAIR goal
                 assert not torch.allclose(after[first][0], (sa[first][0] + sb[first][0]) / 2, rtol=1e-2, atol=1e-3)
+        if mode == "rescale" and kind != "bn":  # the seed's RESCALE scales the first site's mean with its std
+            first = sites[0].name
+            ratio = after[first][1] / before[first][1]
+            torch.testing.assert_close(after[first][0], before[first][0] * ratio, rtol=1e-3, atol=1e-5)
     # the interpolated net had collapsed variance somewhere: the test is not vacuous
     ratio = min((before[s.name][1] / ((sa[s.name][1] + sb[s.name][1]) / 2)).min().item() for s in sites)
     assert ratio < 0.9

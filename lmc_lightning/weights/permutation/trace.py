@@ -72,6 +72,13 @@ class _Feat:
 _CONST = object()  # sizes, shapes, python scalars: values that carry no units
 
 
+class _LeafTracer(fx.Tracer):
+    """fx tracing that keeps modules marked ``channel_norm = True`` (per-position channel norms) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return bool(getattr(m, "channel_norm", False)) or super().is_leaf_module(m, module_qualified_name)
+
+
 class _Tracer:
     """Propagates feature spaces through an fx graph and collects the axes of each space."""
 
@@ -213,6 +220,10 @@ class _Tracer:
             if module.num_groups not in (1, module.num_channels):
                 raise self.fail(node, f"GroupNorm with {module.num_groups} groups of {module.num_channels} channels "
                                 "(only 1 group or one per channel are invariant to permuting channels)")
+            self.no_flat(node, x)
+            self.per_channel(node, module, x, ("weight", "bias"))
+            return x
+        if getattr(module, "channel_norm", False):  # normalises over the channels at each position (ChannelLayerNorm)
             self.no_flat(node, x)
             self.per_channel(node, module, x, ("weight", "bias"))
             return x
@@ -383,7 +394,7 @@ def derive_spec(net: nn.Module) -> PermutationSpec:
             names the node and module).
     """
     try:
-        graph = fx.symbolic_trace(net).graph
+        graph = _LeafTracer().trace(net)
     except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "not traceable"
         raise SpecDerivationError(f"torch.fx could not trace {type(net).__name__}: {err}. {_HINT}") from err
     tracer = _Tracer(net)

@@ -1,0 +1,171 @@
+# %% [markdown]
+# # Re-normalisation after re-basin, and after pruning (the rethink-re-basin seed, on Fashion-MNIST)
+# Pairs of plain (norm-free) VGGs are trained from different seeds, aligned by weight matching and evaluated at the
+# midpoint with no re-normalisation, REPAIR, RESCALE (the seed's ``y / sigma * sigma_goal``), RESHIFT and the
+# mean-preserving RESCALE, under three recipes: the seed's (VGG-16 with the seed's head, ``vgg_init``, SGD lr 0.1,
+# wd 1e-4, x0.1 at 50% and 75%), the seed's net and init trained with Adam (lr 1e-3, cosine), and ours (VGG-11,
+# PyTorch init, Adam lr 3e-3, cosine, as the library's tests train plain VGGs). Then a BN VGG pair with
+# BN reset and data-independent RESET, and one-shot global magnitude pruning with and without re-normalisation.
+# Environment: LMC_EPOCHS, LMC_SUBSET (training samples), LMC_PAIRS, LMC_WIDTH, LMC_TEST (test samples),
+# LMC_BN_BATCHES (statistics batches of 500), LMC_DEVICE, LMC_SEED_NET (the seed recipe's net), LMC_OUT.
+
+# %%
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lmc_lightning as lmc
+from lmc_lightning.data import FashionMNISTDataModule
+from lmc_lightning.modules.prune import evaluate_weights
+from lmc_lightning.prune import prune
+from lmc_lightning.weights import renorm
+from lmc_lightning.weights.paths import Linear
+from lmc_lightning.weights.permutation import align_weights
+
+EPOCHS = int(os.environ.get("LMC_EPOCHS", 4))
+SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or None
+PAIRS = int(os.environ.get("LMC_PAIRS", 3 if SUBSET is None or SUBSET > 1000 else 1))
+WIDTH = float(os.environ.get("LMC_WIDTH", 0.125))
+TEST = int(os.environ.get("LMC_TEST", 0)) or (1000 if SUBSET is not None and SUBSET <= 1000 else None)
+BN_BATCHES = int(os.environ.get("LMC_BN_BATCHES", 10))
+DEVICE = os.environ.get("LMC_DEVICE", "cpu")
+SEED_NET = os.environ.get("LMC_SEED_NET", "vgg16_seed")
+TINY = SUBSET is not None and SUBSET <= 1000  # a smoke run (the examples test): one recipe, two sparsities
+ONLY = os.environ.get("LMC_RECIPES", "ours" if TINY else "seed,seed_adam,ours").split(",")
+SPARSITIES = (0.5, 0.9) if TINY else (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+OUT = os.environ.get("LMC_OUT", "runs/example03")
+MODES = [None, "repair", "rescale", "reshift", "rescale_centered"]
+RECIPES = {  # the seed's SGD recipe; its net and init with Adam; ours (Adam, as the library's tests train plain VGGs)
+    "seed": {"net": SEED_NET, "kwargs": {"init": "kaiming_normal"}, "opt": "sgd", "lr": 0.1, "wd": 1e-4,
+             "schedule": "step"},
+    "seed_adam": {"net": SEED_NET, "kwargs": {"init": "kaiming_normal"}, "opt": "adam", "lr": 1e-3, "wd": 0.0,
+                  "schedule": "cosine"},
+    "ours": {"net": "vgg11", "kwargs": {}, "opt": "adam", "lr": 3e-3, "wd": 0.0, "schedule": "cosine"},
+}
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+
+# %%
+data = FashionMNISTDataModule(root="data", batch_size=128, train_subset=SUBSET)
+data.prepare_data()
+data.setup("fit")
+x_train, y_train = data.split_tensors("train")
+x_test, y_test = data.split_tensors("test")
+x_test, y_test = x_test[:TEST], y_test[:TEST]
+x_train, y_train, x_test, y_test = (t.to(DEVICE) for t in (x_train, y_train, x_test, y_test))
+
+
+def train(name: str, kwargs: dict, seed: int, lr: float, wd: float, schedule: str, opt: str = "sgd"
+          ) -> torch.nn.Module:
+    """SGD (momentum 0.9) or Adam, batch 128, from a seeded init and a seeded data order."""
+    torch.manual_seed(seed)
+    net = lmc.get_net(name, num_classes=10, in_channels=1, input_size=28, width=WIDTH, **kwargs).to(DEVICE)
+    if opt == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=wd)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    steps = EPOCHS * math.ceil(len(x_train) / 128)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps // 2, 3 * steps // 4], 0.1)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    net.train()
+    for _ in range(EPOCHS):
+        for idx in torch.randperm(len(x_train), generator=gen).to(DEVICE).split(128):
+            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+def midpoints(net, theta_a, theta_b, modes, coords=(0.5,), homogeneous=False, **kw) -> dict:
+    """Test accuracy at ``coords`` (default the midpoint) for each statistics mode."""
+    out = {}
+    for mode in modes:
+        res = lmc.evaluate_path(Linear(theta_a, theta_b, homogeneous=homogeneous), net, (x_test, y_test),
+                                coords=list(coords), bn=mode, train_data=x_train, bn_batches=BN_BATCHES,
+                                bn_batch_size=500, device=DEVICE, precision="32", **kw)
+        out[str(mode)] = [float(a) for a in res.accuracy]
+    return out
+
+
+# %% Plain VGG pairs: weight matching, then each re-normalisation at the midpoint.
+results = {"settings": {"epochs": EPOCHS, "subset": SUBSET, "pairs": PAIRS, "width": WIDTH}, "plain": {},
+           "bn": {}, "prune": {}}
+start = time.time()
+trained = {}
+
+
+def save() -> None:
+    """Write what has been measured so far."""
+    os.makedirs(OUT, exist_ok=True)
+    with open(f"{OUT}/rebasin_renorm.json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+for recipe, r in RECIPES.items():
+    if recipe not in ONLY:
+        continue
+    rows = []
+    for p in range(PAIRS):
+        a = train(r["net"], r["kwargs"], 2 * p, r["lr"], r["wd"], r["schedule"], r["opt"])
+        b = train(r["net"], r["kwargs"], 2 * p + 1, r["lr"], r["wd"], r["schedule"], r["opt"])
+        trained.setdefault(recipe, a)
+        ta, tb = a.state_dict(), b.state_dict()
+        tb_wm, _ = align_weights(a, ta, tb, method="weight")
+        row = {"endpoints": midpoints(a, ta, tb, [None], coords=(0.0, 1.0))["None"],
+               "naive": midpoints(a, ta, tb, [None])["None"], **midpoints(a, ta, tb_wm, MODES),
+               "homogeneous": midpoints(a, ta, tb_wm, [None], homogeneous=True)["None"],
+               "homogeneous_rescale": midpoints(a, ta, tb_wm, ["rescale"], homogeneous=True)["rescale"]}
+        rows.append(row)
+        print(recipe, p, {k: [round(x, 4) for x in v] for k, v in row.items()}, f"{time.time() - start:.0f}s",
+              flush=True)
+        results["plain"][recipe] = rows
+        save()
+
+# %% A BN VGG pair: BN reset and data-independent RESET (BN in train mode on each test batch of 500).
+a = train("vgg11_bn", {}, 0, 0.05, 5e-4, "cosine")
+b = train("vgg11_bn", {}, 1, 0.05, 5e-4, "cosine")  # SGD: BN nets train with it at this budget
+trained["bn"] = a
+ta, tb = a.state_dict(), b.state_dict()
+tb_wm, _ = align_weights(a, ta, tb, method="weight")
+results["bn"] = {"endpoints": midpoints(a, ta, tb, ["reset"], coords=(0.0, 1.0))["reset"],
+                 "naive_reset": midpoints(a, ta, tb, ["reset"])["reset"], **midpoints(a, ta, tb_wm, [None, "reset"]),
+                 "reset_test": midpoints(a, ta, tb_wm, ["reset_test"], batch_size=500)["reset_test"]}
+print("bn", results["bn"], flush=True)
+save()
+
+# %% One-shot global magnitude pruning, with and without re-normalisation towards the dense net's statistics.
+stats_x = list(x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:256].to(DEVICE)]
+               .split(128))
+for name, modes in (("ours", ["repair", "rescale"]), ("seed", ["repair", "rescale"]),
+                    ("seed_adam", ["repair", "rescale"]), ("bn", ["reset"])):
+    if name not in trained:
+        continue
+    net = trained[name]
+    dense = dict(net.state_dict())
+    sites = renorm.find_sites(net, stats_x[0][:2], dense)
+    goal = renorm.site_statistics(net, stats_x, dense, sites=sites) if modes != ["reset"] else None
+    rows = []
+    for s in SPARSITIES:
+        pruned, _ = prune(net, s, dense)
+        row = {"sparsity": s, "dense": evaluate_weights(net, dense, x_test, y_test)[1],
+               "pruned": evaluate_weights(net, pruned, x_test, y_test)[1]}
+        for mode in modes:
+            fixed = (renorm.reset_bn(net, stats_x, pruned) if mode == "reset"
+                     else renorm.renormalize_to(net, pruned, goal, stats_x, mode, sites=sites))
+            row[mode] = evaluate_weights(net, fixed, x_test, y_test)[1]
+        rows.append(row)
+    results["prune"][name] = rows
+    save()
+    print("prune", name, [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+
+# %%
+save()
+print(f"wrote {OUT}/rebasin_renorm.json in {time.time() - start:.0f}s")
