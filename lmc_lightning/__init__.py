@@ -32,6 +32,11 @@ _EXPORTS = {
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
     "SurfaceModule": "lmc_lightning.modules",
+    "StitchModule": "lmc_lightning.modules",
+    "SimilarityModule": "lmc_lightning.modules",
+    "stitch": "lmc_lightning.stitching",
+    "stitch_points": "lmc_lightning.stitching",
+    "transform_layer": "lmc_lightning.weights.symmetry",
     "main": "lmc_lightning.cli",
 }
 

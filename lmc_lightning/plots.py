@@ -100,3 +100,42 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> FilePat
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+
+
+def plot_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str | None = None,
+                 label: str = "similarity") -> Figure:
+    """Layer x layer heat map (rows: net A's points, columns: net B's), values written in the cells when few."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig = Figure(figsize=(1.0 + 0.45 * len(cols), 0.8 + 0.4 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(np.nanmin(matrix))), vmax=1.0)
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("net B point")
+    ax.set_ylabel("net A point")
+    if matrix.size <= 64:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=ax, label=label)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_bars(values: dict[str, list[float]], groups: list[str], ylabel: str, title: str | None = None) -> Figure:
+    """Grouped bar plot: one group per entry of ``groups`` (e.g. stitch points), one bar per series of ``values``."""
+    fig = Figure(figsize=(max(5.0, 0.9 * len(groups) * max(len(values), 1) / 2), 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(values), 1)
+    x = np.arange(len(groups))
+    for k, (name, ys) in enumerate(values.items()):
+        ax.bar(x + (k - (len(values) - 1) / 2) * width, ys, width, label=name)
+    ax.set_xticks(x, groups, rotation=45 if len(groups) > 6 else 0, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig

@@ -83,3 +83,18 @@ def test_wandb_logger_offline_or_clear_error(fake_fmnist_root: Path, tmp_path: P
     cli = main(["fit", *args, "--trainer.logger.init_args.offline", "true"])
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
     assert list(tmp_path.rglob("offline-run-*")), "no offline wandb run was written"
+
+
+def test_fit_from_init_with_frozen_layers(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """`lmc fit --model.init a.ckpt --model.freeze hidden`: starts from a.ckpt, the frozen layer does not move."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    main(["fit", *_fit_args(fake_fmnist_root, tmp_path / "a")])
+    first = sorted((tmp_path / "a").rglob("last.ckpt"))[0]
+    net_a = load_net(first)
+    frozen = "hidden"
+    cli = main(["fit", *_fit_args(fake_fmnist_root, tmp_path / "b", "--model.init", str(first),
+                                  "--model.freeze", frozen)])
+    net_b = cli.model.net
+    for name, param in net_b.named_parameters():
+        same = torch.equal(param.detach().cpu(), net_a.state_dict()[name])
+        assert same == name.startswith(frozen + "."), name

@@ -87,3 +87,15 @@ def barrier(
     if reference == "mean":
         return v.max() - _endpoint_mean(v, c)
     raise ValueError(f"reference must be 'line' or 'mean', got {reference!r}.")
+
+
+# Representation similarity (the modelsym seed); defined in similarity_functional, exported here as twins of the
+# Metrics in lmc_lightning.metrics.similarity.
+from lmc_lightning.metrics.similarity_functional import (  # noqa: E402
+    grelu_cka,
+    grelu_procrustes,
+    linear_cka,
+    orthogonal_procrustes,
+)
+
+__all__ = ["barrier", "grelu_cka", "grelu_procrustes", "linear_cka", "orthogonal_procrustes", "reference_values"]

@@ -8,7 +8,10 @@ from lmc_lightning.modules.interpolation import InterpolationModule
 from lmc_lightning.modules.pair import PairModule
 from lmc_lightning.modules.path import PathModule
 from lmc_lightning.modules.prune import PruneModule
+from lmc_lightning.modules.similarity import SimilarityModule
+from lmc_lightning.modules.stitch import StitchModule
 from lmc_lightning.modules.surface import SurfaceModule
 
 __all__ = ["CurveModule", "EndpointModule", "EnsembleModule", "InterpolationModule", "LMCModule",
-           "OptimConfig", "PairModule", "PathModule", "PruneModule", "SurfaceModule"]
+           "OptimConfig", "PairModule", "PathModule", "PruneModule", "SimilarityModule", "StitchModule",
+           "SurfaceModule"]

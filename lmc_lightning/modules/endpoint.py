@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmc_lightning.checkpoint import save_net
+from lmc_lightning.checkpoint import check_state_matches, load_weights, save_net
 from lmc_lightning.data.loaders import DeviceLoader
 from lmc_lightning.data.zoo import ZooBatches
 from lmc_lightning.metrics.totals import ClassificationTotals
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
+from lmc_lightning.nets.order import freeze_until
 from lmc_lightning.weights.stacked import StackedNets
 
 
@@ -66,6 +67,14 @@ class EndpointModule(LMCModule):
         channels_last: Keep conv weights and image batches in channels-last memory layout (faster convolutions on
             GPUs with tensor cores, notably under bf16; no effect on nets without ``Conv2d``).
         num_models: Train this many networks at once (a zoo); 1: a single network.
+        init: Checkpoint whose weights (parameters and buffers) replace the initialisation: an ``EndpointModule``
+            ``.ckpt`` or a plain state dict of this architecture. Loaded in ``setup`` (a resumed run's ``ckpt_path``
+            still wins).
+        init_prefix: Submodule holding the network in ``init`` (``"net"``; ``"net_a"``/``"net_b"`` for a
+            ``PairModule`` checkpoint).
+        freeze: Module name (``net.named_modules()``): the parameters of every module that runs up to and including
+            it are not trained (see :func:`freeze_until`); e.g. the intertwiner sanity test retrains the layers after a
+            transformed one. ``init`` and ``freeze`` need ``num_models=1``.
     """
 
     def __init__(
@@ -79,6 +88,9 @@ class EndpointModule(LMCModule):
         seed: int | None = None,
         channels_last: bool = False,
         num_models: int = 1,
+        init: str | None = None,
+        init_prefix: str = "net",
+        freeze: str | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
@@ -98,6 +110,11 @@ class EndpointModule(LMCModule):
         self.test_totals = ClassificationTotals(num_models)
         self._zoo_batches: ZooBatches | None = None
         self._automatic_optimization = False  # see automatic_optimization
+        if (init is not None or freeze is not None) and num_models != 1:
+            raise ValueError("init and freeze apply to a single network: use num_models=1.")
+        self.init, self.init_prefix = init, init_prefix
+        self._init_loaded = init is None
+        self.frozen = freeze_until(self.net, freeze, self.input_shape) if freeze is not None else []
 
     @property
     def automatic_optimization(self) -> bool:
@@ -121,6 +138,16 @@ class EndpointModule(LMCModule):
     def is_zoo(self) -> bool:
         """Whether several networks train together."""
         return self.num_models > 1
+
+    def setup(self, stage: str) -> None:
+        """Load the ``init`` weights once."""
+        if not self._init_loaded:
+            state, _ = load_weights(self.init, self.init_prefix)
+            check_state_matches(self.net, state, source=str(self.init))
+            with torch.no_grad():
+                for key, value in self.net.state_dict().items():
+                    value.copy_(state[key])
+            self._init_loaded = True
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the network, ``[B, classes]``; of every zoo member on the same batch, ``[K, B, classes]``."""

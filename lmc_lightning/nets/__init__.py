@@ -8,17 +8,19 @@ Flatten) and residual ``+``, so ``torch.fx.symbolic_trace`` and ``torch.func.fun
 from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     fixup,
     mlp,
+    myrtle,
     preresnet,
     resnet,
     vgg,
     vgg_garipov,
 )
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
 from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 
-__all__ = ["MLP", "VGG", "GaripovVGG", "PreResNet", "ResNet", "available", "get_net", "register", "resnet18",
-           "resnet20"]
+__all__ = ["MLP", "VGG", "GaripovVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "available", "get_net",
+           "register", "resnet18", "resnet20"]

@@ -63,3 +63,42 @@ def test_mlp_reaches_80_percent_on_real_fashion_mnist(tmp_path) -> None:
     trainer.fit(model, datamodule=data)
     acc = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
     assert acc >= 0.80, f"test accuracy {acc:.3f} < 0.80"
+
+
+def test_init_loads_weights_and_freeze_stops_gradients(tmp_path) -> None:
+    from lmc_lightning.checkpoint import save_net
+
+    kwargs = {"net": "vgg11_bn", "net_kwargs": {"width": 0.125}, "input_shape": (1, 28, 28)}
+    src = EndpointModule(**kwargs, seed=3)
+    ckpt = save_net(tmp_path / "src.ckpt", src.net.state_dict(),
+                    {"name": "vgg11_bn", "num_classes": 10, "in_channels": 1, "input_size": 28, "width": 0.125})
+    model = EndpointModule(**kwargs, seed=0, init=str(ckpt), freeze="features.4")
+    assert not torch.equal(next(model.net.parameters()), next(src.net.parameters()))
+    model.setup("fit")
+    torch.testing.assert_close(model.net.state_dict(), src.net.state_dict())
+    # frozen: the modules up to features.4 (conv, bn, relu, pool, conv); the rest trains
+    names = [n for n, _ in model.net.named_parameters()]
+    assert model.frozen == [n for n in names if n.split(".")[0] == "features" and int(n.split(".")[1]) <= 4]
+    assert model.frozen and len(model.frozen) < len(names)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    opt = model.optim.build_optimizer(model.trainable_parameters())
+    model.net.train()
+    model.criterion(model(torch.randn(4, 1, 28, 28)), torch.arange(4)).backward()
+    opt.step()
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p, before[n]) == (n in model.frozen), n
+
+
+def test_bad_init_and_freeze_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="freeze='nope' is not a module"):
+        EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 8}, freeze="nope")
+    other = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 4})
+    torch.save(other.net.state_dict(), tmp_path / "w.pt")
+    model = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 8}, init=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        model.setup("fit")
+
+
+def test_freeze_a_container_freezes_all_of_it() -> None:
+    model = EndpointModule(net="vgg11_bn", net_kwargs={"width": 0.125}, input_shape=(1, 28, 28), freeze="features")
+    assert model.frozen == [n for n, _ in model.net.named_parameters() if n.startswith("features.")]

@@ -13,7 +13,6 @@ from torch import Tensor, fx, nn
 from lmc_lightning.weights.data import Data, materialize
 
 
-
 def iter_batches(data: Data, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(x, y)`` batches of ``batch_size`` (``y`` None when unlabelled).
 
