@@ -45,18 +45,30 @@ def _panels(result: PathResult) -> tuple[tuple[np.ndarray, np.ndarray], tuple[st
     return (result.loss, 100 * result.accuracy), ("loss", "accuracy (%)")
 
 
+def _set_label(name: str, result: PathResult) -> str:
+    b = result.barriers()
+    return name if b["loss_barrier"] is None else f"{name} (loss barrier {b['loss_barrier']:.3f})"
+
+
 def plot_curve(result: PathResult, title: str | None = None) -> Figure:
-    """Loss and accuracy against ``t``, two panels side by side."""
+    """Loss and accuracy against ``t``, two panels side by side; one line per set for a multi-set result."""
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     FigureCanvasAgg(fig)
     t = result.ts
     order = np.argsort(t)
-    for ax, values, label in zip(fig.subplots(1, 2), _panels(result)[0], _panels(result)[1], strict=True):
-        ax.plot(t[order], values[order], marker="o", markersize=3)
+    parts = list(result.sets.items()) or [(None, result)]
+    for ax, panel in zip(fig.subplots(1, 2), range(2), strict=True):
+        for name, part in parts:
+            values = _panels(part)[0][panel]
+            ax.plot(t[order], values[order], marker="o", markersize=3,
+                    label=None if name is None else _set_label(name, part))
         ax.set_xlabel("t")
-        ax.set_ylabel(label)
+        ax.set_ylabel(_panels(result)[1][panel])
         ax.grid(alpha=0.3)
-    fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
+    if result.sets:
+        fig.axes[0].legend(fontsize="small")
+    subtitle = "" if result.sets else _subtitle(result)
+    fig.suptitle("\n".join(s for s in (title, subtitle) if s) or None)
     return fig
 
 
@@ -71,10 +83,21 @@ def _grid(result: PathResult, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def plot_surface(result: PathResult, title: str | None = None) -> Figure:
-    """Heat maps of loss and accuracy over ``(u, v)`` (scatter when the points are not a full grid)."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    """Heat maps of loss and accuracy over ``(u, v)`` (scatter when the points are not a full grid); one row of
+    maps per set for a multi-set result."""
+    parts = list(result.sets.items()) or [(None, result)]
+    fig = Figure(figsize=(10, 4 * len(parts)), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, values, label in zip(fig.subplots(1, 2), _panels(result)[0], _panels(result)[1], strict=True):
+    axes = np.asarray(fig.subplots(len(parts), 2)).reshape(len(parts), 2)
+    for row, (name, part) in zip(axes, parts, strict=True):
+        _surface_row(fig, row, part, name)
+    fig.suptitle("\n".join(s for s in (title, "" if result.sets else _subtitle(result)) if s) or None)
+    return fig
+
+
+def _surface_row(fig: Figure, axes: np.ndarray, result: PathResult, name: str | None) -> None:
+    """Loss and accuracy maps of one (single-set) result into a row of two axes."""
+    for ax, values, label in zip(axes, _panels(result)[0], _panels(result)[1], strict=True):
         grid = _grid(result, values)
         if grid is None:
             art = ax.scatter(result.coords[:, 0], result.coords[:, 1], c=values, cmap="viridis")
@@ -84,9 +107,7 @@ def plot_surface(result: PathResult, title: str | None = None) -> Figure:
         fig.colorbar(art, ax=ax, label=label)
         ax.set_xlabel("u")
         ax.set_ylabel("v")
-        ax.set_title(label)
-    fig.suptitle("\n".join(s for s in (title, _subtitle(result)) if s) or None)
-    return fig
+        ax.set_title(label if name is None else f"{name}: {label}")
 
 
 def plot_result(result: PathResult, title: str | None = None) -> Figure:

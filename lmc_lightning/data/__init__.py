@@ -2,6 +2,7 @@
 
 from lmc_lightning.data.base import BaseDataModule
 from lmc_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lmc_lightning.data.cue import CueDataModule
 from lmc_lightning.data.idx import read_idx, write_idx
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler, TensorBatchDataset
 from lmc_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
@@ -13,6 +14,7 @@ __all__ = [
     "BatchTransform",
     "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CueDataModule",
     "DeviceLoader",
     "FashionMNISTDataModule",
     "MNISTDataModule",

@@ -203,15 +203,18 @@ class BaseDataModule(LightningDataModule):
 
     def _dataloader_factory(self, split: Split) -> DataLoader | DeviceLoader:
         """The loader for ``split``: resident on the device, or a DataLoader over host tensors."""
-        x, y = self._get(split)
-        train = split == "train"
+        return self._loader(split, *self._get(split), train=split == "train")
+
+    def _loader(self, key: str, x: Tensor, y: Tensor, train: bool) -> DataLoader | DeviceLoader:
+        """A loader over ``(x, y)`` (shuffled, augmented and sharded as training data when ``train``); ``key`` names
+        the tensors' device-resident copy."""
         batch_size = self.batch_size if train else self.eval_batch_size
         transform = self._transform(augment=train and self.augment)
         device, rank, world_size = self._placement()
         if self.device_resident:
-            if split not in self._resident or self._resident[split][0].device != device:
-                self._resident[split] = (x.to(device), y.to(device))
-            x, y = self._resident[split]
+            if key not in self._resident or self._resident[key][0].device != device:
+                self._resident[key] = (x.to(device), y.to(device))
+            x, y = self._resident[key]
             sampler = ShardedSampler(len(x), shuffle=train, seed=self.seed, rank=rank, world_size=world_size,
                                      drop_uneven=train)
             return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed)

@@ -19,11 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BN_MODES, PathModule, WeightDict
+from lmc_lightning.nets import get_net
 from lmc_lightning.weights.curves import Bezier, MidpointQuadratic, PolyChain
 from lmc_lightning.weights.fit import freeze_buffer_points, parameter_keys, path_loss, sample_uniform
 from lmc_lightning.weights.paths import Path
 
 BNChoice = str
+QMC_MIN_SCALE = 1e-8
+"""QMC skips the step when ``2t(1-t)`` is below this (``t`` at an endpoint, where MMC's step is zero)."""
 
 
 def check_fitting_args(num_samples: int, reg: float, bn: BNChoice | None) -> None:
@@ -123,8 +126,14 @@ class CurveModule(FittedPathModule):
         curve: ``"bezier"`` (Bernstein basis, degree ``num_bends + 1``) or ``"polychain"`` (piecewise linear through
             bends at ``t = k / (num_bends + 1)``).
         num_bends: Free control points; 1 gives the quadratic Bezier curve.
-        objective: ``"curve"`` trains the control points; ``"midpoint"`` trains the midpoint ``m = theta(0.5)`` of the
-            quadratic curve through it (MMC's ``train_midpoint``; needs ``curve="bezier"``, ``num_bends=1``).
+        objective: ``"curve"`` trains the control points from the straight line; ``"midpoint"`` trains the on-curve
+            midpoint ``m = theta(0.5)`` of the quadratic curve through it (ours: not MMC's objective, which trains the
+            control point); ``"qmc"`` is MMC's QMC (seed 000, ``train_quad_midpoint``): the quadratic Bezier curve
+            ``t^2 theta_b + 2t(1-t) m + (1-t)^2 theta_a`` whose control point ``m`` starts as a freshly initialised
+            random net (global RNG: ``seed_everything``), one ``t ~ U(0, 1)`` per batch (``num_samples`` 1), the
+            gradient of ``theta(t)`` applied unscaled to ``m`` with the step's learning rate multiplied by
+            ``2t(1-t)`` (MMC's ``lr * 0.1^(epoch // 10) * 2t(1-t)``: ``optim`` multistep, milestones ``[10, 20,
+            ...]``, gamma 0.1). ``"midpoint"`` and ``"qmc"`` need ``curve="bezier"``, ``num_bends=1``.
         num_samples: Values of ``t`` sampled per batch (loss averaged).
         reg: Weight of the L2 pull of the control points (or midpoint) toward their place on the straight line.
         num_points: Points on ``t`` in [0, 1] evaluated by ``lmc test``.
@@ -144,6 +153,9 @@ class CurveModule(FittedPathModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser and schedule of the control points.
         label_smoothing: Label smoothing of the training loss.
+        eval_sets: Named evaluation sets of the datamodule, e.g. ``[clean, cue, rand_cue, rand_image]`` of a
+            ``CueDataModule`` (one statistics pass per point, on clean training data; see :class:`PathModule`).
+        eval_split: Split of the named sets: ``"test"`` or ``"train"``.
     """
 
     min_endpoints = 2
@@ -153,7 +165,7 @@ class CurveModule(FittedPathModule):
         endpoints: list[str] | None = None,
         curve: Literal["bezier", "polychain"] = "bezier",
         num_bends: int = 1,
-        objective: Literal["curve", "midpoint"] = "curve",
+        objective: Literal["curve", "midpoint", "qmc"] = "curve",
         num_samples: int = 1,
         reg: float = 0.0,
         num_points: int = 21,
@@ -171,25 +183,30 @@ class CurveModule(FittedPathModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
+        eval_sets: list[str] | None = None,
+        eval_split: Literal["train", "test"] = "test",
     ) -> None:
         if endpoints is not None and len(endpoints) != 2:
             raise ValueError(f"CurveModule takes exactly 2 endpoints, got {len(endpoints)}.")
         if curve not in ("bezier", "polychain"):
             raise ValueError(f"curve must be 'bezier' or 'polychain', got {curve!r}.")
-        if objective not in ("curve", "midpoint"):
-            raise ValueError(f"objective must be 'curve' or 'midpoint', got {objective!r}.")
+        if objective not in ("curve", "midpoint", "qmc"):
+            raise ValueError(f"objective must be 'curve', 'midpoint' or 'qmc', got {objective!r}.")
         if isinstance(num_bends, bool) or not isinstance(num_bends, int) or num_bends < 1:
             raise ValueError(f"num_bends must be a positive integer (free control points to train), got {num_bends!r}.")
-        if objective == "midpoint" and (curve != "bezier" or num_bends != 1):
-            raise ValueError("objective='midpoint' trains the quadratic curve through a midpoint: use curve='bezier' "
+        if objective in ("midpoint", "qmc") and (curve != "bezier" or num_bends != 1):
+            raise ValueError(f"objective={objective!r} trains a quadratic curve: use curve='bezier' "
                              f"and num_bends=1 (got curve={curve!r}, num_bends={num_bends}).")
+        if objective == "qmc" and (num_samples != 1 or reg != 0):
+            raise ValueError(f"objective='qmc' is MMC's QMC: one t per batch and no regulariser (num_samples=1, "
+                             f"reg=0), got num_samples={num_samples}, reg={reg}.")
         check_fitting_args(num_samples, reg, bn)
         super().__init__(
             endpoints=endpoints, num_points=num_points, bn=bn,
             bn_batches=bn_batches, bn_batch_size=bn_batch_size, evaluation_batch_size=evaluation_batch_size,
             precision=precision, strategy=strategy, prefix=prefix, net=net, net_kwargs=net_kwargs,
             output_dir=output_dir, num_classes=num_classes, input_shape=input_shape, optim=optim,
-            label_smoothing=label_smoothing,
+            label_smoothing=label_smoothing, eval_sets=eval_sets, eval_split=eval_split,
         )
         self.init_fitting(num_samples, reg, bn)
         self.curve = curve
@@ -197,14 +214,42 @@ class CurveModule(FittedPathModule):
         self.objective = objective
 
     def build_path(self, thetas: list[WeightDict]) -> Path:
-        """The curve, its control points (or midpoint) initialised on the straight line between the endpoints."""
+        """The curve, its control points (or midpoint) initialised on the straight line between the endpoints; for
+        ``"qmc"``, the control point initialised as a fresh random net."""
         if self.objective == "midpoint":
             return MidpointQuadratic(thetas)
+        if self.objective == "qmc":
+            spec = dict(self.net_spec)
+            fresh = get_net(spec.pop("name"), **spec).state_dict()
+            return Bezier(thetas, 1, init=[{k: fresh[k] for k in thetas[0]}])
         cls = Bezier if self.curve == "bezier" else PolyChain
         return cls(thetas, self.num_bends)
 
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The loss at a sampled ``t`` (see :class:`FittedPathModule`); for ``"qmc"`` with MMC's step."""
+        if self.objective != "qmc":
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        if self._param_keys is None:
+            self._param_keys = parameter_keys(self.net)
+        t = sample_uniform(1, 1)
+        scale = float(2 * t * (1 - t))
+        self.net.train()
+        loss = path_loss(self.path, self.net, x, y, t, loss_fn=self.criterion, param_keys=self._param_keys)
+        self.log("train/loss", loss, batch_size=len(y), on_step=True, on_epoch=True, prog_bar=True)
+        if scale < QMC_MIN_SCALE:  # t at an endpoint: MMC's step is zero
+            return None
+        # autograd gives m the gradient 2t(1-t) * dL/dtheta(t); MMC applies dL/dtheta(t) with lr * 2t(1-t)
+        sched = self.lr_schedulers()
+        scheduled = sched.get_last_lr() if sched is not None else [g["initial_lr"] for g in
+                                                                       self.optimizers().param_groups]
+        for group, lr in zip(self.optimizers().param_groups, scheduled, strict=True):
+            group["lr"] = lr * scale
+        return loss / scale
+
     def on_fit_start(self) -> None:
         """Say what is being trained."""
-        what = "midpoint of a quadratic Bezier curve" if self.objective == "midpoint" else (
-            f"{self.num_bends} bend(s) of a {self.curve} curve")
+        what = {"midpoint": "midpoint of a quadratic Bezier curve",
+                "qmc": "control point of a quadratic Bezier curve from a random net (MMC's QMC)"}.get(
+            self.objective, f"{self.num_bends} bend(s) of a {self.curve} curve")
         rank_zero_info(f"CurveModule: training the {what}; {self.num_samples} t per batch, reg={self.reg}.")

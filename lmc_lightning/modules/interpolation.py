@@ -57,6 +57,9 @@ class InterpolationModule(PathModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Unused (nothing is trained); kept for a uniform interface.
         label_smoothing: Unused.
+        eval_sets: Named evaluation sets of the datamodule, e.g. ``[clean, cue, rand_cue, rand_image]`` of a
+            ``CueDataModule`` (one statistics pass per point, on clean training data; see :class:`PathModule`).
+        eval_split: Split of the named sets: ``"test"`` or ``"train"``.
     """
 
     min_endpoints = 2
@@ -84,6 +87,8 @@ class InterpolationModule(PathModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
+        eval_sets: list[str] | None = None,
+        eval_split: Literal["train", "test"] = "test",
     ) -> None:
         if align is not None and align not in ("weight", "activation", "ste"):
             raise ValueError(f"align must be None, 'weight', 'activation' or 'ste', got {align!r}.")
@@ -97,7 +102,7 @@ class InterpolationModule(PathModule):
             endpoints=endpoints, num_points=num_points, bn=bn, bn_batches=bn_batches, bn_batch_size=bn_batch_size,
             evaluation_batch_size=evaluation_batch_size, precision=precision, strategy=strategy, prefix=prefix, net=net,
             net_kwargs=net_kwargs, output_dir=output_dir, num_classes=num_classes, input_shape=input_shape,
-            optim=optim, label_smoothing=label_smoothing,
+            optim=optim, label_smoothing=label_smoothing, eval_sets=eval_sets, eval_split=eval_split,
         )
         self.renorm_options = RenormOptions.parse(renorm_options)
         self.homogeneous = homogeneous

@@ -12,8 +12,9 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -62,42 +63,53 @@ def rank_info(trainer: Any) -> tuple[int, int]:
     return int(trainer.global_rank), int(trainer.world_size)
 
 
-def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor], trainer: Any = None,
-                      **kwargs: Any) -> PathResult:
+def evaluate_on_ranks(path: Path, net: nn.Module, data: tuple[Tensor, Tensor] | Mapping[str, tuple[Tensor, Tensor]],
+                      trainer: Any = None, **kwargs: Any) -> PathResult:
     """:func:`evaluate_path` with the evaluation data shared between DDP ranks.
 
-    Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data``; per-point sums of loss and of
-    correct predictions are all-reduced, so every rank returns the same result, equal to a single-process run on all
-    of ``data``. BN statistics (``bn``, ``train_data``) are computed by every rank on the same samples (the engine's
-    seeded subset), so they too equal the single-process ones. All ranks must call this together.
+    Every rank evaluates every point on its own slice ``x[rank::world]`` of ``data`` (of each named set); per-point
+    sums of loss and of correct predictions are all-reduced, so every rank returns the same result, equal to a
+    single-process run on all of ``data``. BN statistics (``bn``, ``train_data``) are computed by every rank on the
+    same samples (the engine's seeded subset), so they too equal the single-process ones. All ranks must call this
+    together.
 
     Args:
         path: The path to evaluate.
         net: Template network (the architecture the weights are run through).
-        data: ``(x, y)`` evaluation tensors, the same on every rank.
+        data: ``(x, y)`` evaluation tensors, or ``{set name: (x, y)}``, the same on every rank.
         trainer: The Lightning trainer (rank, world size and the all-reduce); ``None``: one process.
         **kwargs: Passed on to :func:`evaluate_path` (``coords``, ``bn``, ``train_data``, ``device``, ...).
     """
     rank, world = rank_info(trainer)
-    x, y = data
-    if len(y) < world:
-        raise ValueError(f"{len(y)} evaluation samples cannot be shared between {world} ranks; use more data.")
+    named = isinstance(data, Mapping)
+    parts = dict(data) if named else {"": data}
+    for name, (_, y) in parts.items():
+        if len(y) < world:
+            raise ValueError(f"{len(y)} evaluation samples{f' in set {name!r}' if name else ''} cannot be shared "
+                             f"between {world} ranks; use more data.")
     if world > 1:
-        x, y = x[rank::world], y[rank::world]
-    result = evaluate_path(path, net, (x, y), **kwargs)
+        parts = {k: (x[rank::world], y[rank::world]) for k, (x, y) in parts.items()}
+    result = evaluate_path(path, net, parts if named else parts[""], **kwargs)
     if world == 1:
         return result
-    n = float(len(y))
-    top5 = [float(a) for a in result.meta.get("accuracy_top5", result.accuracy)]
-    sums = torch.tensor([list(result.loss * n), list(result.accuracy * n), [a * n for a in top5]],
-                        dtype=torch.float64)
-    count = torch.tensor([n], dtype=torch.float64)
+    singles = list(result.sets.values()) if named else [result]
+    n = torch.tensor([float(len(y)) for _, y in parts.values()], dtype=torch.float64)
+    sums = torch.stack([torch.as_tensor(np.stack([r.loss, r.accuracy, r.meta.get("accuracy_top5", r.accuracy)]))
+                        for r in singles]) * n[:, None, None]
     device = trainer.strategy.root_device
     sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
-    count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
-    mean = (sums / count).numpy()
-    meta = {**result.meta, "world_size": world, "num_samples": int(count.item()), "accuracy_top5": mean[2].tolist()}
-    return dataclasses.replace(result, loss=mean[0], accuracy=mean[1], meta=meta)
+    count = trainer.strategy.reduce(n.to(device), reduce_op="sum").cpu()
+    mean = (sums / count[:, None, None]).numpy()
+    total = [int(c) for c in count.tolist()]
+    meta = {**result.meta, "world_size": world, "num_samples": dict(zip(parts, total, strict=True)) if named
+            else total[0], "accuracy_top5": mean[0, 2].tolist()}
+    if not named:
+        return dataclasses.replace(result, loss=mean[0, 0], accuracy=mean[0, 1], meta=meta)
+    merged = PathResult.from_sets(result.coords, {k: (mean[i, 0], mean[i, 1]) for i, k in enumerate(parts)}, meta,
+                                  length=result.length, end_time=result.end_time)
+    for i, part in enumerate(merged.sets.values()):
+        part.meta["accuracy_top5"] = mean[i, 2].tolist()
+    return merged
 
 
 def point_label(coord: Sequence[float]) -> str:
@@ -118,7 +130,7 @@ def write_result(result: PathResult, folder: str | os.PathLike, stem: str = "pat
 
 
 EVAL_SETTINGS = ("num_points", "bn", "bn_batches", "bn_batch_size", "evaluation_batch_size", "precision", "strategy",
-                 "output_dir", "renorm_options")
+                 "output_dir", "renorm_options", "eval_sets", "eval_split")
 
 
 class PathModule(LMCModule):
@@ -156,6 +168,11 @@ class PathModule(LMCModule):
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
         optim: Optimiser settings (used only by trainable paths).
         label_smoothing: Label smoothing of the training loss (trainable paths).
+        eval_sets: Named evaluation sets of the datamodule (``datamodule.eval_sets(split, names)``, e.g. a
+            :class:`~lmc_lightning.data.cue.CueDataModule`'s ``[clean, cue, rand_cue, rand_image]``), evaluated
+            after one statistics pass per point; BN statistics then come from the ``clean`` training set, as in MMC.
+            ``None``: the datamodule's test split.
+        eval_split: Split of the named sets: ``"test"`` or ``"train"``.
     """
 
     renorm_options: RenormOptions | None = None
@@ -182,9 +199,15 @@ class PathModule(LMCModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
+        eval_sets: list[str] | None = None,
+        eval_split: Literal["train", "test"] = "test",
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
+        if eval_split not in ("train", "test"):
+            raise ValueError(f"eval_split must be 'train' or 'test', got {eval_split!r}.")
+        if eval_sets is not None and not eval_sets:
+            raise ValueError("eval_sets must name at least one set (or be null for the test split).")
         # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
         # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
         self.save_hparams(ignore=EVAL_SETTINGS)
@@ -208,6 +231,8 @@ class PathModule(LMCModule):
         self.net_name = net
         self.net_kwargs = dict(net_kwargs or {})
         self.output_dir = output_dir
+        self.eval_sets = list(eval_sets) if eval_sets is not None else None
+        self.eval_split = eval_split
         self.path: Path | None = None
         self.net_spec: dict[str, Any] | None = None
         self.result: PathResult | None = None
@@ -351,14 +376,27 @@ class PathModule(LMCModule):
                              "(--data FashionMNISTDataModule, ...) that provides split_tensors().")
         return dm
 
+    def evaluation_data(self, split: str = "test") -> tuple[Any, Any]:
+        """``(evaluation data, statistics data)``: the named ``eval_sets`` of ``eval_split`` with the clean training
+        set for statistics, or ``split`` of the datamodule with its training split."""
+        dm = self._datamodule()
+        stats_needed = self.bn is not None
+        if self.eval_sets is None:
+            return dm.split_tensors(split), (dm.split_tensors("train") if stats_needed else None)
+        if not hasattr(dm, "eval_sets"):
+            raise ValueError(f"eval_sets={self.eval_sets} needs a datamodule with named evaluation sets "
+                             "(--data CueDataModule); drop --model.eval_sets to evaluate the test split.")
+        data = dm.eval_sets(self.eval_split, self.eval_sets)
+        return data, (dm.eval_sets("train", ["clean"])["clean"] if stats_needed else None)
+
     def evaluate_grid(self, split: str = "test") -> PathResult:
-        """Evaluate :meth:`eval_coords` on a whole split of the attached datamodule (all ranks must call this)."""
+        """Evaluate :meth:`eval_coords` on a whole split of the attached datamodule, or on its named ``eval_sets``
+        (all ranks must call this)."""
         if self.path is None:
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
-        dm = self._datamodule()
-        train = dm.split_tensors("train") if self.bn is not None else None
+        data, train = self.evaluation_data(split)
         return evaluate_on_ranks(
-            self.path, self.net, dm.split_tensors(split), self.trainer, coords=self.eval_coords(), bn=self.bn,
+            self.path, self.net, data, self.trainer, coords=self.eval_coords(), bn=self.bn,
             train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
             batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
             strategy=self.eval_strategy, renorm_options=self.renorm_options,
@@ -383,12 +421,16 @@ class PathModule(LMCModule):
             rank_zero_info(f"{type(self).__name__}: {summary}; wrote {names} to {FilePath(folder).resolve()}")
 
     def log_result(self, result: PathResult) -> None:
-        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary."""
-        metrics = summary_metrics(result)
-        for coord, loss, acc in zip(result.coords, result.loss, result.accuracy, strict=True):
-            label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
-            metrics[f"path/loss_{label}"] = float(loss)
-            metrics[f"path/acc_{label}"] = float(acc)
+        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary (with named sets:
+        ``path/<set>/loss_t=...`` and ``barrier/<set>/*`` per set)."""
+        parts = {f"/{name}": part for name, part in result.sets.items()} or {"": result}
+        metrics = {}
+        for tag, part in parts.items():
+            metrics.update(summary_metrics(part, prefix=f"barrier{tag}"))
+            for coord, loss, acc in zip(part.coords, part.loss, part.accuracy, strict=True):
+                label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
+                metrics[f"path{tag}/loss_{label}"] = float(loss)
+                metrics[f"path{tag}/acc_{label}"] = float(acc)
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)  # already identical on every rank
 

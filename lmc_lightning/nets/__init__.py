@@ -8,6 +8,7 @@ Flatten) and residual ``+``, so ``torch.fx.symbolic_trace`` and ``torch.func.fun
 from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     fixup,
     mlp,
+    mmc_vgg,
     myrtle,
     preresnet,
     resnet,
@@ -15,6 +16,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     vgg_garipov,
 )
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.nets.mmc_vgg import MMCVGG
 from lmc_lightning.nets.myrtle import MyrtleCNN, ResNetA
 from lmc_lightning.nets.preresnet import PreResNet
 from lmc_lightning.nets.registry import available, get_net, register
@@ -22,5 +24,5 @@ from lmc_lightning.nets.resnet import ResNet, resnet18, resnet20
 from lmc_lightning.nets.vgg import VGG
 from lmc_lightning.nets.vgg_garipov import GaripovVGG
 
-__all__ = ["MLP", "VGG", "GaripovVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "available", "get_net",
+__all__ = ["GaripovVGG", "MLP", "MMCVGG", "MyrtleCNN", "PreResNet", "ResNet", "ResNetA", "VGG", "available", "get_net",
            "register", "resnet18", "resnet20"]

@@ -40,8 +40,8 @@ Where ours differs from the seed by design:
   butterfly step the output bias moves to net 2's too, so that ``t = end_time`` is net 2 (the seed's conv butterfly
   ends with net 1's output bias). The conv WA finder runs to ``L`` like the FC one (the seed's conv WA stops at
   ``L - 1``, before the output layer reaches net 2's).
-- Conv WA features: the seed's patch grid (padding as the layer's, stride ``max(H // 2, 1)``, every second patch
-  kept), here in image-major order (the seed keeps every second patch of a position-major list per loader batch).
+- Conv WA features: the seed's patch grid (padding as the layer's, stride ``max(H // 2, 1)``) of every second image,
+  which is the seed's "every second patch" of its position-major per-batch lists for even loader batch sizes.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def solve_wa(features: Tensor, target: Tensor, solver: Solver = "lstsq") -> Tens
     out = f.new_zeros(f.shape[1], y.shape[1])
     if bool(live.any()):
         fl = f[:, live]
-        driver = "gelsd" if f.device.type == "cpu" else None
-        out[live] = torch.linalg.lstsq(fl, y, driver=driver).solution
+        # CPU: gelsy (pivoted QR, rank-revealing; torch's default there); CUDA: gels (needs full column rank)
+        out[live] = torch.linalg.lstsq(fl, y).solution
     return out
 
 
@@ -314,11 +314,13 @@ class _Stop(Exception):
 
 def patches(x: Tensor, kernel: int, padding: int) -> Tensor:
     """The seed's WA patch samples of a feature map ``[N, C, H, W]``: ``kernel x kernel`` patches of the padded map
-    at stride ``max(W // 2, 1)``, every second one kept; rows ``[N * P // 2, C k k]`` (image-major order)."""
+    at stride ``max(W // 2, 1)`` of every second image, rows ``[ceil(N / 2) * P, C k k]``.
+
+    The seed keeps every second entry of its per-batch, position-major patch list; with its even loader batch sizes
+    that is every patch of every second image (``x[::2]``), the selection made here (rows in another order)."""
     stride = max(x.shape[-1] // 2, 1)
-    cols = torch.nn.functional.unfold(x, kernel, padding=padding, stride=stride)  # [N, C k k, P]
-    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return rows[::2]
+    cols = torch.nn.functional.unfold(x[::2], kernel, padding=padding, stride=stride)  # [N/2, C k k, P]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def layer_features(net: nn.Module, theta: Mapping[str, Tensor], x: Tensor, layer: Layer,
@@ -327,6 +329,7 @@ def layer_features(net: nn.Module, theta: Mapping[str, Tensor], x: Tensor, layer
     :func:`patches` for a Conv2d. The forward pass stops at the layer."""
     module = net.get_submodule(layer.name)
     found: list[Tensor] = []
+    batch_size += batch_size % 2  # even batches: every second image of each batch is every second image overall
 
     def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
         inp = args[0]

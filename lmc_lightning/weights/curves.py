@@ -347,7 +347,8 @@ class Bezier(ControlPath):
     ) -> Bezier:
         """The quadratic Bezier curve from ``theta_a`` to ``theta_b`` that passes through ``midpoint`` at ``t = 0.5``.
 
-        Its control point is ``2 m - (theta_a + theta_b) / 2`` (the quadratic path of Mechanistic Mode Connectivity).
+        Its control point is ``2 m - (theta_a + theta_b) / 2``. (MMC's quadratic path is this curve family too, but it
+        trains the control point itself, from a random net: ``CurveModule(objective="qmc")``.)
         """
         control = {
             k: (2 * m.detach() - (theta_a[k].detach() + theta_b[k].detach()) / 2) if torch.is_floating_point(m)
@@ -360,8 +361,10 @@ class Bezier(ControlPath):
 class MidpointQuadratic(ControlPath):
     """The quadratic curve through ``theta_a`` (t=0), a free midpoint ``m`` (t=0.5) and ``theta_b`` (t=1).
 
-    The same curve as :meth:`Bezier.through_midpoint`, parametrised by the midpoint itself (Lagrange basis
-    ``(1 - t)(1 - 2t), 4t(1 - t), t(2t - 1)``), so training optimises ``m`` as in MMC's ``train_midpoint``.
+    The same curve as :meth:`Bezier.through_midpoint`, parametrised by the on-curve midpoint itself (Lagrange basis
+    ``(1 - t)(1 - 2t), 4t(1 - t), t(2t - 1)``), so training optimises ``m = theta(0.5)``. This is our objective, not
+    MMC's: MMC trains the Bezier control point (coefficient ``2t(1 - t)``, a 4x smaller effective step than ``m``'s
+    ``4t(1 - t)``) from a random net; see ``CurveModule(objective="qmc")``.
 
     Args:
         endpoints: ``[theta_a, theta_b]`` weight dicts (frozen).

@@ -9,6 +9,8 @@ through a BN-fused trace of the net (:mod:`lmc_lightning.weights.fused`: BatchNo
 pass) with large batches: the evaluation batch is as large as memory allows, and BN reset forwards many statistics
 batches at once, each still normalised by its own statistics.
 
+Several named evaluation sets (``data={"clean": ..., "rand_cue": ...}``) share one statistics pass per point.
+
 Statistics (``bn="reset"``, ``"repair"``, ``"rescale"``, ``"reshift"``, ``"rescale_centered"``; see
 :mod:`lmc_lightning.weights.renorm`) are taken at every
 point on the same ``bn_batches x bn_batch_size`` training samples, a subset drawn with :data:`STATS_SEED` (all of the
@@ -30,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +42,7 @@ from torch.nn.modules.conv import _ConvNd
 from lmc_lightning.weights import fused, renorm
 from lmc_lightning.weights.data import materialize, seeded_subset
 from lmc_lightning.weights.data import to_device as _move
-from lmc_lightning.weights.paths import Arc, Linear, Path, check_compatible, check_finite
+from lmc_lightning.weights.paths import Arc, Linear, NonlinearPath, Path, check_compatible, check_finite
 from lmc_lightning.weights.result import PathResult
 
 VMAP_MAX_PARAMS = 20_000_000
@@ -79,8 +82,9 @@ def _probe(net: nn.Module, x: Tensor, name: str) -> None:
                          f"{str(err).splitlines()[0]}. Evaluate on data shaped like the net's training data.") from err
 
 
-def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
-    """``[P, dim]`` float64 coordinates: given ones, or a linspace (curves) / grid (surfaces) on ``[0, 1]``."""
+def _coords(path: Path | NonlinearPath, num_points: int, coords: Any) -> Tensor:
+    """``[P, dim]`` float64 coordinates: given ones, or a linspace (curves) / grid (surfaces) on ``[0, 1]``
+    (``[0, end_time]`` for a nonlinear path)."""
     if coords is not None:
         c = torch.as_tensor(coords, dtype=torch.float64).cpu()
         c = c.reshape(-1, 1) if c.dim() <= 1 and path.dim == 1 else c
@@ -89,7 +93,7 @@ def _coords(path: Path, num_points: int, coords: Any) -> Tensor:
         return c
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}.")
-    lin = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    lin = torch.linspace(0, float(getattr(path, "end_time", 1.0)), num_points, dtype=torch.float64)
     if path.dim == 1:
         return lin[:, None]
     if path.dim == 2:
@@ -179,26 +183,31 @@ def _top5(logits: Tensor, y: Tensor) -> Tensor:
 
 
 class _Evaluator:
-    """Per-point loss sums and correct counts over device-resident test batches."""
+    """Per-set, per-point loss sums and correct counts over device-resident test batches.
 
-    def __init__(self, batches: list[tuple[Tensor, Tensor]], num_points: int, device: torch.device) -> None:
+    ``batches`` are ``(set index, x, y)`` triples: every evaluation set's batches, evaluated after one statistics
+    pass per point.
+    """
+
+    def __init__(self, batches: list[tuple[int, Tensor, Tensor]], num_sets: int, num_points: int,
+                 device: torch.device) -> None:
         self.batches = batches
-        self.loss = torch.zeros(num_points, dtype=torch.float64, device=device)
-        self.correct = torch.zeros(num_points, dtype=torch.long, device=device)
-        self.correct5 = torch.zeros(num_points, dtype=torch.long, device=device)
+        self.loss = torch.zeros(num_sets, num_points, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(num_sets, num_points, dtype=torch.long, device=device)
+        self.correct5 = torch.zeros(num_sets, num_points, dtype=torch.long, device=device)
 
-    def add(self, logits: Tensor, y: Tensor, index: int | slice) -> None:
-        """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice."""
+    def add(self, logits: Tensor, y: Tensor, s: int, index: int | slice) -> None:
+        """Logits ``[B, K]`` for one point, or ``[C, B, K]`` for the points in a slice, on evaluation set ``s``."""
         if logits.dim() == 2:
-            self.loss[index] += F.cross_entropy(logits.float(), y, reduction="sum")
-            self.correct[index] += (logits.argmax(-1) == y).sum()
-            self.correct5[index] += _top5(logits, y).sum()
+            self.loss[s, index] += F.cross_entropy(logits.float(), y, reduction="sum")
+            self.correct[s, index] += (logits.argmax(-1) == y).sum()
+            self.correct5[s, index] += _top5(logits, y).sum()
             return
         c, b, k = logits.shape
         losses = F.cross_entropy(logits.float().reshape(c * b, k), y.repeat(c), reduction="none")
-        self.loss[index] += losses.view(c, b).sum(1)
-        self.correct[index] += (logits.argmax(-1) == y).sum(1)
-        self.correct5[index] += _top5(logits, y).sum(-1)
+        self.loss[s, index] += losses.view(c, b).sum(1)
+        self.correct[s, index] += (logits.argmax(-1) == y).sum(1)
+        self.correct5[s, index] += _top5(logits, y).sum(-1)
 
 
 class _Points:
@@ -207,25 +216,61 @@ class _Points:
     Paths are linear combinations of control points (see :mod:`lmc_lightning.weights.paths`): the coefficients of
     all points are computed once on the device and the control points are stacked once; each point (or chunk) is
     then :meth:`~lmc_lightning.weights.paths.Path.from_coefficients`, as in ``path(t)`` / ``path.stacked(coords)``.
+    A :class:`~lmc_lightning.weights.paths.NonlinearPath` gives each point through ``weights_at(t)`` instead (moved to
+    the device). Along a curve, ``dl[i] = |theta(t_i) - theta(t_{i-1})|`` over ``length_keys`` (the net's parameters)
+    is accumulated on the device as the points are produced.
     """
 
-    def __init__(self, path: Path, coords: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.path, self.dtype = path, dtype
+    def __init__(self, path: Path | NonlinearPath, coords: Tensor, device: torch.device,
+                 dtype: torch.dtype | None = None, length_keys: Sequence[str] = ()) -> None:
+        self.path, self.dtype, self.device = path, dtype, device
+        self.nonlinear = isinstance(path, NonlinearPath)
+        self.length_keys = list(length_keys) if coords.shape[1] == 1 else []
+        self.dl = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        self._prev: tuple[int, list[Tensor]] | None = None
+        if self.nonlinear:
+            self.ts = coords[:, 0].tolist()
+            return
         self.ctrl = {k: path.control_points(k) for k in path.float_keys}
         coef = path.coefficients(coords.to(device))
         dtypes = {v.dtype for v in self.ctrl.values()}
         self.coef = coef.to(dtypes.pop()) if len(dtypes) == 1 else coef  # cast once, not per key and point
 
+    def _track(self, i: int, weights: Mapping[str, Tensor]) -> None:
+        if not self.length_keys:
+            return
+        cur = [weights[k] for k in self.length_keys]
+        if self._prev is not None and self._prev[0] == i - 1:
+            sq = sum(torch.linalg.vector_norm(a - b, dtype=torch.float64).square() for a, b in zip(cur, self._prev[1],
+                                                                                                      strict=True))
+            self.dl[i] = sq.sqrt()
+        self._prev = (i, cur)
+
     def at(self, i: int) -> dict[str, Tensor]:
         """Weights at point ``i``."""
-        return self.path.from_coefficients(self.coef[i], self.ctrl)
+        if self.nonlinear:
+            w = {k: v.to(self.device, non_blocking=True) for k, v in self.path.weights_at(self.ts[i]).items()}
+        else:
+            w = self.path.from_coefficients(self.coef[i], self.ctrl)
+        self._track(i, w)
+        return w
 
     def chunk(self, start: int, stop: int) -> dict[str, Tensor]:
         """Weights at points ``start:stop``, stacked along a leading dim."""
-        out = self.path.from_coefficients(self.coef[start:stop], self.ctrl)
+        if self.nonlinear:
+            pts = [self.at(i) for i in range(start, stop)]
+            out = {k: torch.stack([p[k] for p in pts]) for k in pts[0]}
+        else:
+            out = self.path.from_coefficients(self.coef[start:stop], self.ctrl)
+            for i in range(start, stop):
+                self._track(i, {k: out[k][i - start] for k in self.length_keys})
         if self.dtype is not None:  # vmap passes these to the ops directly: match the autocast compute dtype
-            out.update({k: out[k].to(self.dtype) for k in self.ctrl})
+            out.update({k: v.to(self.dtype) for k, v in out.items() if v.is_floating_point()})
         return out
+
+    def length(self) -> np.ndarray | None:
+        """``[P]`` cumulative path length at the points (None for surfaces)."""
+        return self.dl.cumsum(0).cpu().numpy() if self.length_keys else None
 
 
 def _auto_batch_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
@@ -271,15 +316,15 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
             renorm.reset_bn(model, stats, sync=False, merge=merge)
         elif bn == "reset_test":
             with _batch_statistics_bn(model):
-                for x, y in ev.batches:
-                    ev.add(model(x), y, i)
+                for s, x, y in ev.batches:
+                    ev.add(model(x), y, s, i)
             continue
         elif bn is not None:
             repaired = renorm.renormalize(work, None, None, None, t, stats, bn, sites=sites,
                                           endpoint_stats=endpoint_stats, sync=False, **_renorm_kwargs(options))
             _load(state, repaired)
-        for x, y in ev.batches:
-            ev.add(model(x), y, i)
+        for s, x, y in ev.batches:
+            ev.add(model(x), y, s, i)
 
 
 def _renorm_kwargs(options: renorm.RenormOptions | None) -> dict[str, Any]:
@@ -301,8 +346,8 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
             w = renorm.renormalize(work, None, None, w, coords[start:stop, 0].to(device), stats, bn, stacked=True,
                                    sites=sites, endpoint_stats=endpoint_stats, sync=False,
                                    **_renorm_kwargs(options))
-        for x, y in ev.batches:
-            ev.add(batched(w, x), y, slice(start, stop))
+        for s, x, y in ev.batches:
+            ev.add(batched(w, x), y, s, slice(start, stop))
 
 
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
@@ -317,7 +362,10 @@ def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: i
         x = seeded_subset(_tensors(data, "train", "train_data"), samples)[0]
     theta_a, theta_b = path.endpoint(0), path.endpoint(1)
     theta_b, _ = align_weights(net, theta_a, theta_b, method=method, data=x, device=device)
-    return type(path)(theta_a, {k: theta_b[k] for k in theta_a})
+    theta_b = {k: theta_b[k] for k in theta_a}
+    if isinstance(path, Arc):  # a centred arc is re-centred on the aligned pair
+        return Arc(theta_a, theta_b, centered=path.centered)
+    return type(path)(theta_a, theta_b)
 
 
 def evaluate_path(
@@ -349,7 +397,10 @@ def evaluate_path(
         data: Test data in any form :func:`~lmc_lightning.weights.data.materialize` accepts: ``(x, y)`` tensors, a
             DataLoader or any iterable of ``(x, y)`` batches, a Dataset, or a datamodule (its ``"test"`` split; its
             ``"train"`` split serves for statistics when ``train_data`` is None). Read once, moved to the device
-            once (a ``MemoryError`` naming the sizes when it does not fit).
+            once (a ``MemoryError`` naming the sizes when it does not fit). Or several named evaluation sets,
+            ``{"clean": ..., "rand_cue": ...}`` (each in one of those forms; statistics then come from
+            ``train_data``): statistics are computed once per point and every set is evaluated with them; the
+            result has one entry per set in ``PathResult.sets``, each with its own barriers.
         num_points: Points per axis when ``coords`` is None: ``linspace(0, 1, num_points)`` for curves, the
             ``num_points x num_points`` grid for surfaces.
         coords: Explicit coordinates, ``[P]`` or ``[P, 1]`` (curves) or ``[P, 2]`` (surfaces).
@@ -360,7 +411,8 @@ def evaluate_path(
             centring), ``"reshift"`` or ``"rescale_centered"`` (mean-preserving) (see
             :mod:`lmc_lightning.weights.renorm`; curves only, endpoints ``path.endpoint(0)`` / ``(1)``).
         train_data: Data for statistics, same forms as ``data`` (``"train"`` split of a datamodule); labels are not
-            needed.
+            needed. It may differ from the evaluation data (e.g. MMC resets BN on clean training data and evaluates
+            counterfactual sets).
         bn_batches: Number of statistics batches.
         bn_batch_size: Size of a statistics batch; the samples are a seeded random subset of the training data.
         batch_size: Samples per forward pass when evaluating a point. Default: 1000, or on CUDA with the loop
@@ -386,7 +438,9 @@ def evaluate_path(
 
     Returns:
         A :class:`~lmc_lightning.weights.result.PathResult`; ``meta`` records the settings used and the seconds.
-        Points with a non-finite loss are reported with a ``RuntimeWarning`` and get no barrier.
+        With named sets as ``data``, a multi-set result (:meth:`~lmc_lightning.weights.result.PathResult.from_sets`)
+        whose ``loss``/``accuracy`` are the first set's. Points with a non-finite loss are reported with a
+        ``RuntimeWarning`` and get no barrier.
 
     Raises:
         ValueError: Non-finite endpoint weights (naming the endpoint and tensor), or data the net cannot run on
@@ -411,12 +465,20 @@ def evaluate_path(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     pts = _coords(path, num_points, coords)
-    for i in range(path.num_fixed):
+    end_time = float(getattr(path, "end_time", 1.0))
+    named = isinstance(data, Mapping)
+    if named and not data:
+        raise ValueError("data is an empty mapping: name at least one evaluation set, e.g. {'test': (x, y)}.")
+    if named and train_data is None and (bn is not None or align in ("activation", "ste")):
+        raise ValueError(f"With named evaluation sets, statistics (bn={bn!r}, align={align!r}) need train_data: "
+                         "pass train_data=(x, y), a Dataset or a datamodule.")
+    for i in range(2 if isinstance(path, NonlinearPath) else path.num_fixed):
         check_finite(path.endpoint(i), f"path endpoint {i}")
     if align is not None:
         path = _aligned_path(path, net, align, train_data if train_data is not None else data, align_samples, device)
 
-    x_test, y_test = _tensors(data, "test", "data")
+    sets = ({str(k): _tensors(v, "test", f"data[{k!r}]") for k, v in data.items()} if named
+            else {"": _tensors(data, "test", "data")})
     stats_x = None
     if bn is not None and bn != "reset_test":
         if train_data is None and not _is_datamodule(data):
@@ -447,10 +509,11 @@ def evaluate_path(
 
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
-    x_dev, y_dev = to_device(x_test), _move(y_test, device, what="data")
+    on_device = [(to_device(x), _move(y, device, what="data")) for x, y in sets.values()]
     stats = ([to_device(b, "train_data") for b in _stats_batches(stats_x, bn_batches, bn_batch_size)]
              if stats_x is not None else None)
-    path_dev = path if _device_of(path) == device else copy.deepcopy(path).to(device)
+    path_dev = (path if isinstance(path, NonlinearPath) or _device_of(path) == device
+                else copy.deepcopy(path).to(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if fuse_norms is None:
         fuse_norms = channels_last and fused.supported(device)
@@ -458,11 +521,13 @@ def evaluate_path(
     model = fused.fuse_norms(work) if fuse_norms and chosen == "loop" and bn in (None, "reset") else None
 
     with torch.no_grad(), autocast, _cudnn_autotune(device):
-        _probe(work, x_dev, type(net).__name__)
+        _probe(work, on_device[0][0], type(net).__name__)
         if batch_size is None:
-            batch_size = _auto_batch_size(work if model is None else model, x_dev, device) if chosen == "loop" else 1000
-        test_batches = list(zip(x_dev.split(batch_size), y_dev.split(batch_size), strict=True))
-        ev = _Evaluator(test_batches, len(pts), device)
+            batch_size = (_auto_batch_size(work if model is None else model, on_device[0][0], device)
+                          if chosen == "loop" else 1000)
+        test_batches = [(s, xb, yb) for s, (x, y) in enumerate(on_device)
+                        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)]
+        ev = _Evaluator(test_batches, len(sets), len(pts), device)
         sites, endpoint_stats, defaults = None, None, {}
         if bn in renorm.MODES:
             theta_a, theta_b = path_dev.endpoint(0), path_dev.endpoint(1)
@@ -475,22 +540,32 @@ def evaluate_path(
                                    for th in (theta_a, theta_b))
             if chosen == "loop":
                 defaults = _materialize(work, sites)
-        points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None)
+        points = _Points(path_dev, pts, device, torch.bfloat16 if bf16 else None,
+                         [k for k, _ in net.named_parameters()])
+        rel = pts / end_time  # REPAIR / RESCALE interpolate the endpoints' statistics on [0, 1]
         if chosen == "loop":
             merge = max(1, batch_size // bn_batch_size) if model is not None else 1
-            _run_loop(work, points, pts, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
+            _run_loop(work, points, rel, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
         else:
-            _run_vmap(work, points, pts, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
-    n = len(y_test)
-    loss, acc = (ev.loss / n).cpu().numpy(), (ev.correct.double() / n).cpu().numpy()
+            _run_vmap(work, points, rel, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
+    n = torch.tensor([len(y) for _, y in sets.values()], dtype=torch.float64)
+    loss, acc = (ev.loss.cpu() / n[:, None]).numpy(), (ev.correct.cpu().double() / n[:, None]).numpy()
+    top5 = (ev.correct5.cpu().double() / n[:, None]).numpy()
     meta = {
         "bn": bn, **({"renorm_options": dataclasses.asdict(options)} if bn in renorm.MODES else {}),
         "strategy": chosen, "fused_norms": model is not None, "precision": "bf16" if bf16 else "32",
-        "channels_last": channels_last, "batch_size": batch_size,
-        "device": str(device), "num_test": n, "num_stats": sum(len(b) for b in stats) if stats else 0,
-        "seconds": time.perf_counter() - start_time,
-        "accuracy_top5": (ev.correct5.double() / n).cpu().tolist(),
+        "channels_last": channels_last, "batch_size": batch_size, "device": str(device),
+        "num_test": {k: int(c) for k, c in zip(sets, n.tolist(), strict=True)} if named else int(n[0]),
+        "num_stats": sum(len(b) for b in stats) if stats else 0, "seconds": time.perf_counter() - start_time,
+        "accuracy_top5": top5[0].tolist(),
     }
-    result = PathResult(pts.numpy(), loss, acc, meta)
+    if named:
+        result = PathResult.from_sets(pts.numpy(), {k: (loss[i], acc[i]) for i, k in enumerate(sets)}, meta,
+                                      length=points.length(), end_time=end_time)
+        for i, part in enumerate(result.sets.values()):
+            part.meta["accuracy_top5"] = top5[i].tolist()
+            part.warn_nonfinite()
+        return result
+    result = PathResult(pts.numpy(), loss[0], acc[0], meta, length=points.length(), end_time=end_time)
     result.warn_nonfinite()
     return result

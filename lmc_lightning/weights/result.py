@@ -1,4 +1,9 @@
-"""PathResult: loss and accuracy at the evaluated points of a path or surface, with barriers and writers."""
+"""PathResult: loss and accuracy at the evaluated points of a path or surface, with barriers and writers.
+
+A result may hold several named evaluation sets evaluated at the same points (e.g. MMC's counterfactual sets
+``clean``, ``cue``, ``rand_cue``, ``rand_image``): :meth:`PathResult.from_sets` builds one, ``result.sets[name]`` is
+the single-set result of one set (with its own barriers), and ``loss``/``accuracy`` are the first set's.
+"""
 
 from __future__ import annotations
 
@@ -50,12 +55,17 @@ class PathResult:
         loss: ``[P]`` mean cross-entropy per point.
         accuracy: ``[P]`` accuracy per point, in ``[0, 1]``.
         meta: Free-form settings of the run (bn mode, strategy, precision, sample counts, seconds, ...).
+        sets: Per evaluation set, its single-set result at the same points (empty for a single-set result). When
+            given, ``loss`` and ``accuracy`` are the first set's; build such results with :meth:`from_sets`.
     """
 
     coords: np.ndarray
     loss: np.ndarray
     accuracy: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    sets: dict[str, PathResult] = field(default_factory=dict)
+    length: np.ndarray | None = None
+    end_time: float = 1.0
 
     def __post_init__(self) -> None:
         c = np.asarray(self.coords, dtype=np.float64)
@@ -67,6 +77,39 @@ class PathResult:
             raise ValueError(f"coords must be [P, 1] or [P, 2], got shape {self.coords.shape}.")
         if len(self.loss) != p or len(self.accuracy) != p:
             raise ValueError(f"Got {p} coordinates but {len(self.loss)} losses and {len(self.accuracy)} accuracies.")
+        if self.length is not None:
+            self.length = np.asarray(self.length, dtype=np.float64).reshape(-1)
+            if len(self.length) != p:
+                raise ValueError(f"Got {p} coordinates but {len(self.length)} path lengths.")
+        self.end_time = float(self.end_time)
+        if self.end_time <= 0:
+            raise ValueError(f"end_time must be positive, got {self.end_time}.")
+        self.sets = dict(self.sets)
+        for name, part in self.sets.items():
+            if not isinstance(part, PathResult) or part.sets or not np.array_equal(part.coords, self.coords):
+                raise ValueError(f"sets[{name!r}] must be a single-set PathResult at the same coordinates.")
+
+    @classmethod
+    def from_sets(cls, coords: np.ndarray, values: dict[str, tuple[np.ndarray, np.ndarray]],
+                  meta: dict[str, Any] | None = None, length: np.ndarray | None = None, end_time: float = 1.0
+                  ) -> PathResult:
+        """A multi-set result from ``{set name: (loss [P], accuracy [P])}``; ``loss``/``accuracy`` are the first set's.
+
+        Raises:
+            ValueError: No sets.
+        """
+        if not values:
+            raise ValueError("from_sets needs at least one named evaluation set.")
+        meta = dict(meta or {})
+        sets = {str(name): cls(coords, lo, acc, dict(meta), length=length, end_time=end_time)
+                for name, (lo, acc) in values.items()}
+        first = next(iter(sets.values()))
+        return cls(first.coords, first.loss, first.accuracy, meta, sets, length, end_time)
+
+    @property
+    def set_names(self) -> list[str]:
+        """Names of the evaluation sets (empty for a single-set result)."""
+        return list(self.sets)
 
     @property
     def dim(self) -> int:
@@ -86,7 +129,32 @@ class PathResult:
         return ~(np.isfinite(self.loss) & np.isfinite(self.accuracy))
 
     def _barrier(self, values: np.ndarray, **kwargs: Any) -> float:
-        return math.nan if self.nonfinite.any() else float(barrier(values, self.coords, **kwargs))
+        """Barrier of ``values``; a curve on ``[0, end_time]`` is measured against its endpoints at 0 and
+        ``end_time``."""
+        coords = self.coords / self.end_time if self.dim == 1 else self.coords
+        return math.nan if self.nonfinite.any() else float(barrier(values, coords, **kwargs))
+
+    def _stats(self, values: np.ndarray) -> dict[str, float | None]:
+        dl = np.diff(self.length) if self.length is not None else None
+        integral = None
+        if dl is not None and dl.sum() > 0:
+            integral = float((0.5 * (values[1:] + values[:-1]) * dl).sum() / dl.sum())
+        return {"start": float(values[0]), "end": float(values[-1]), "min": float(values.min()),
+                "max": float(values.max()), "mean": float(values.mean()), "int": integral}
+
+    def summary(self) -> dict[str, Any]:
+        """Per metric (and per evaluation set of a multi-set result), as in Anokhin & Yarotsky's ``eval_curve.py``:
+        ``start``, ``end``, ``min``, ``max``, ``mean`` over the points and ``int``, the length-weighted integral
+        ``sum_i (v_i + v_{i-1}) / 2 * dl_i / sum_i dl_i`` (``dl_i`` the weight-space distance between consecutive
+        points; None without path lengths), plus ``length``, the path's total length.
+
+        Returns:
+            ``{"loss": {...}, "accuracy": {...}, "length": L}``, or ``{set name: that dict}`` with several sets.
+        """
+        if getattr(self, "sets", None):
+            return {name: part.summary() for name, part in self.sets.items()}
+        total = float(self.length[-1] - self.length[0]) if self.length is not None else None
+        return {"loss": self._stats(self.loss), "accuracy": self._stats(self.accuracy), "length": total}
 
     @property
     def loss_barrier(self) -> float:
@@ -132,16 +200,28 @@ class PathResult:
                       "null and no barrier is computed.", RuntimeWarning, stacklevel=2)
         return True
 
+    def set_barriers(self) -> dict[str, dict[str, float | None]]:
+        """:meth:`barriers` of every evaluation set (empty for a single-set result)."""
+        return {name: part.barriers() for name, part in self.sets.items()}
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: coordinates, per-point values, barriers and meta."""
-        return _finite_or_none({
+        """JSON-ready dict: coordinates, per-point values, barriers and meta (and per set, its values and barriers)."""
+        out = {
             "dim": self.dim,
             "coords": self.coords.tolist(),
             "loss": self.loss.tolist(),
             "accuracy": self.accuracy.tolist(),
             **self.barriers(),
             "meta": dict(self.meta),
-        })
+            "end_time": self.end_time,
+            "length": self.length.tolist() if self.length is not None else None,
+        }
+        if self.dim == 1:
+            out["summary"] = self.summary()
+        if self.sets:
+            out["sets"] = {name: {"loss": part.loss.tolist(), "accuracy": part.accuracy.tolist(), **part.barriers()}
+                           for name, part in self.sets.items()}
+        return _finite_or_none(out)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PathResult:
@@ -149,8 +229,14 @@ class PathResult:
         missing = [k for k in ("coords", "loss", "accuracy") if k not in d]
         if missing:
             raise ValueError(f"Not a PathResult dict: missing {missing}.")
+        if d.get("sets"):
+            values = {name: (np.asarray(v["loss"], dtype=float), np.asarray(v["accuracy"], dtype=float))
+                      for name, v in d["sets"].items()}
+            return cls.from_sets(np.asarray(d["coords"], dtype=float), values, dict(d.get("meta", {})),
+                                 length=d.get("length"), end_time=d.get("end_time", 1.0))
         return cls(np.asarray(d["coords"], dtype=float), np.asarray(d["loss"], dtype=float),
-                   np.asarray(d["accuracy"], dtype=float), dict(d.get("meta", {})))
+                   np.asarray(d["accuracy"], dtype=float), dict(d.get("meta", {})), length=d.get("length"),
+                   end_time=d.get("end_time", 1.0))
 
     def to_json(self, path: str | os.PathLike) -> FilePath:
         """Write :meth:`to_dict` as strict JSON (non-finite values as ``null``), atomically."""
@@ -163,12 +249,17 @@ class PathResult:
         return cls.from_dict(json.loads(FilePath(path).read_text()))
 
     def to_csv(self, path: str | os.PathLike) -> FilePath:
-        """Write one row per point (``t`` or ``u, v``, then loss and accuracy), atomically."""
+        """Write one row per point (``t`` or ``u, v``, then loss and accuracy), atomically; a multi-set result has
+        one row per point and set, with a ``set`` column after the coordinates."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow([*(["t"] if self.dim == 1 else ["u", "v"]), "loss", "accuracy"])
-        for c, lo, acc in zip(self.coords, self.loss, self.accuracy, strict=True):
-            writer.writerow([*(repr(float(x)) for x in c), repr(float(lo)), repr(float(acc))])
+        coord_names = ["t"] if self.dim == 1 else ["u", "v"]
+        parts = self.sets.items() if self.sets else [(None, self)]
+        writer.writerow([*coord_names, *(["set"] if self.sets else []), "loss", "accuracy"])
+        for name, part in parts:
+            for c, lo, acc in zip(part.coords, part.loss, part.accuracy, strict=True):
+                writer.writerow([*(repr(float(x)) for x in c), *([name] if name is not None else []),
+                                 repr(float(lo)), repr(float(acc))])
         return atomic_write_text(path, buf.getvalue())
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> FilePath:

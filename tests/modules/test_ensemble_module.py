@@ -58,10 +58,3 @@ def test_lmc_test_ensemble_and_wa(members: list[Path], fake_fmnist_root: Path, t
     with pytest.raises(ValueError, match="bn must be"):
         EnsembleModule(bn="repair")
 
-
-def test_ensemble_config_prints(capsys: pytest.CaptureFixture) -> None:
-    config = Path(__file__).parents[2] / "configs" / "ensemble" / "fmnist_mlp.yaml"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    assert "EnsembleModule" in capsys.readouterr().out

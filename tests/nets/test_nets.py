@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from lmc_lightning.nets import available, get_net, register, registry
 
-REQUIRED = ["mlp", "preresnet", "resnet18", "resnet20", "resnet20_ln", "resnet20_plain"] + [
+REQUIRED = ["mlp", "preresnet", "resnet18", "resnet20", "resnet20_ln", "resnet20_plain", "vgg13_mmc"] + [
     f"vgg{d}{s}" for d in (11, 13, 16, 19) for s in ("", "_bn", "_ln", "_nobias")
 ]
 SHAPES = [(1, 28), (3, 32), (3, 64)]
@@ -252,6 +252,22 @@ def test_register_rejects_bad_factories() -> None:
     register("not_a_module")(lambda num_classes, in_channels, input_size: "oops")
     with pytest.raises(TypeError, match="returned str, expected an nn.Module"):
         get_net("not_a_module")
+
+
+def test_mmc_vgg13_is_the_seeds_strided_bias_free_net() -> None:
+    """Seed 000's VGG-13: 10 bias-free 3x3 conv+BN+ReLU blocks, 4 of stride 2, no max-pool, a 2x2 map on 32x32."""
+    net = get_net("vgg13_mmc", num_classes=10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 10 and all(c.bias is None and c.kernel_size == (3, 3) for c in convs)
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 512, 512, 512, 512]
+    assert [c.stride[0] for c in convs] == [1, 2, 1, 2, 1, 2, 1, 2, 1, 1]
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) and m.affine for m in net.modules()) == 10
+    with torch.no_grad():
+        assert net.features(torch.zeros(1, 3, 32, 32)).shape == (1, 512, 2, 2)
+    conv = 9 * (3 * 64 + 64 * 64 + 64 * 128 + 128 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 3 * 512 * 512)
+    bn = 2 * (2 * 64 + 2 * 128 + 2 * 256 + 4 * 512)
+    assert n_params(net) == conv + bn + 512 * 10 + 10
 
 
 def test_mlp_widths_builds_the_seeds_fc_nets() -> None:
