@@ -9,7 +9,6 @@ import traceback
 from typing import Any
 
 import torch
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
@@ -150,12 +149,18 @@ def document_nets() -> None:
         cls.__doc__ = "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def main(args: list[str] | None = None) -> LightningCLI | int:
     """Run ``lmc fit|validate|test|predict`` and return the CLI (its ``trainer``, ``model``, ``datamodule``).
 
     ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks). Errors propagate as exceptions; the ``lmc``
-    console script is :func:`run`, which turns them into a message and an exit code.
+    console script is :func:`run`, which turns them into a message and an exit code. ``lmc reproduce ...`` goes to
+    :func:`lmc_lightning.reproduce.main` and returns its exit status (an int).
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["reproduce"]:
+        from lmc_lightning.reproduce import main as reproduce
+
+        return reproduce(argv[1:])
     document_nets()
     return LMCLightningCLI(
         LMCModule,
@@ -178,13 +183,14 @@ def run(args: list[str] | None = None) -> int:
 
     Returns 0 after a successful run. An error prints ``lmc: error: <type>: <message>`` to stderr first and returns
     1; the traceback follows only when asked for (``--traceback`` anywhere in the arguments, or ``LMC_TRACEBACK=1``).
-    Argument errors exit with the parser's message and code 2, as before.
+    Argument errors exit with the parser's message and code 2, as before. ``lmc reproduce`` returns its own status
+    (1 when a figure misses its tolerance).
     """
     argv = list(sys.argv[1:] if args is None else args)
     show_traceback = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != TRACEBACK_FLAG]
     try:
-        main(argv)
+        result = main(argv)
     except KeyboardInterrupt:
         print("lmc: interrupted", file=sys.stderr)
         return 130
@@ -196,4 +202,4 @@ def run(args: list[str] | None = None) -> int:
         else:
             print(f"(pass {TRACEBACK_FLAG} or set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0

@@ -24,7 +24,8 @@ import torch
 from lmc_lightning.cli import main, run
 
 ROOT = Path(__file__).parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/experiments/<seed>/*.yaml are `lmc reproduce` chains (tests/test_reproduce.py parses each of their steps).
+CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.parent.name != "experiments")
 TINY_NET = '{"depth": 1, "width": 16}'
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
           "--trainer.accelerator", "cpu"]

@@ -40,6 +40,9 @@ class BaseDataModule(LightningDataModule):
             (``seed_everything`` / ``--seed_everything``, read from ``PL_GLOBAL_SEED`` when the datamodule is
             built), 0 when none was set.
         device_resident: Move the whole dataset to the training device once and make batches there.
+        random_erasing: Probability of random erasing on training batches (MCSurface: 0.5; scale 0.02-0.25,
+            ratio 0.3-3.3, value 0), on the device; 0: off.
+        random_grayscale: Probability of turning a training image grey (MCSurface's surfaces: 0.1); 0: off.
     """
 
     num_classes: int
@@ -62,8 +65,13 @@ class BaseDataModule(LightningDataModule):
         download: bool = False,
         seed: int | None = None,
         device_resident: bool = False,
+        random_erasing: float = 0.0,
+        random_grayscale: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (0 <= random_erasing <= 1 and 0 <= random_grayscale <= 1):
+            raise ValueError("random_erasing and random_grayscale are probabilities in [0, 1], got "
+                             f"{random_erasing} and {random_grayscale}.")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
         if num_workers < 0:
@@ -88,6 +96,8 @@ class BaseDataModule(LightningDataModule):
         self.download = download
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.device_resident = device_resident
+        self.random_erasing = random_erasing
+        self.random_grayscale = random_grayscale
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -192,8 +202,9 @@ class BaseDataModule(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its data is used")
         return self._splits[split]
 
-    def _transform(self, augment: bool) -> BatchTransform:
-        return BatchTransform(self.mean, self.std, self.normalize, augment, self.crop_padding)
+    def _transform(self, augment: bool, train: bool = False) -> BatchTransform:
+        erasing, grayscale = (self.random_erasing, self.random_grayscale) if train else (0.0, 0.0)
+        return BatchTransform(self.mean, self.std, self.normalize, augment, self.crop_padding, erasing, grayscale)
 
     def _placement(self) -> tuple[torch.device, int, int]:
         """``(device, rank, world_size)`` from the attached trainer, else CPU on a single process."""
@@ -209,7 +220,7 @@ class BaseDataModule(LightningDataModule):
         """A loader over ``(x, y)`` (shuffled, augmented and sharded as training data when ``train``); ``key`` names
         the tensors' device-resident copy."""
         batch_size = self.batch_size if train else self.eval_batch_size
-        transform = self._transform(augment=train and self.augment)
+        transform = self._transform(augment=train and self.augment, train=train)
         device, rank, world_size = self._placement()
         if self.device_resident:
             if key not in self._resident or self._resident[key][0].device != device:

@@ -163,6 +163,8 @@ class PathModule(LMCModule):
             ``"net_b"`` for a ``PairModule``); one name for all endpoints or one per endpoint.
         net: Architecture name; needed only when the endpoints are plain state dicts (overrides the checkpoints').
         net_kwargs: Architecture arguments overriding the checkpoints' (or for plain state dicts).
+        key_map: Rename the endpoints' checkpoint keys to the net's: a registered map's name
+            (:func:`~lmc_lightning.checkpoint.key_maps`) or ``{regex: replacement}`` rules.
         output_dir: Folder of ``path.csv/json/png``; ``None``: the trainer's log folder.
         num_classes: Number of classes (linked from the data).
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
@@ -180,6 +182,8 @@ class PathModule(LMCModule):
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
+    extra_eval_settings: ClassVar[tuple[str, ...]] = ()
+    """Subclass init args that are evaluation settings, kept out of the checkpoint like :data:`EVAL_SETTINGS`."""
 
     def __init__(
         self,
@@ -194,6 +198,7 @@ class PathModule(LMCModule):
         prefix: str | list[str] = "net",
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
+        key_map: str | dict[str, str] | None = None,
         output_dir: str | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
@@ -210,7 +215,7 @@ class PathModule(LMCModule):
             raise ValueError("eval_sets must name at least one set (or be null for the test split).")
         # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
         # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
-        self.save_hparams(ignore=EVAL_SETTINGS)
+        self.save_hparams(ignore=(*EVAL_SETTINGS, *self.extra_eval_settings))
         self.endpoints = [str(e) for e in (endpoints or [])]
         if self.endpoints and len(self.endpoints) < self.min_endpoints:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_endpoints} endpoints, got "
@@ -230,6 +235,7 @@ class PathModule(LMCModule):
         self.eval_strategy = strategy
         self.net_name = net
         self.net_kwargs = dict(net_kwargs or {})
+        self.key_map = key_map
         self.output_dir = output_dir
         self.eval_sets = list(eval_sets) if eval_sets is not None else None
         self.eval_split = eval_split
@@ -316,7 +322,8 @@ class PathModule(LMCModule):
         """
         if not self.endpoints:
             raise ValueError(f"{type(self).__name__} has no endpoints: pass --model.endpoints [a.ckpt,b.ckpt].")
-        loaded = [load_weights(p, prefix) for p, prefix in zip(self.endpoints, self.prefixes, strict=True)]
+        pairs = zip(self.endpoints, self.prefixes, strict=True)
+        loaded = [load_weights(p, prefix, key_map=self.key_map) for p, prefix in pairs]
         spec = self._resolve_spec([s for _, s in loaded])
         template = self._make_template(spec)
         names = [f"endpoint {i} ({p})" for i, p in enumerate(self.endpoints)]
