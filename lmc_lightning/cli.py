@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,36 @@ def place_logs(config: Any) -> None:
             init["save_dir"] = root
         if init.get("name") == LIGHTNING_RUN_NAME and module:
             init["name"] = module
+
+
+def resume_in_place(config: Any) -> Path | None:
+    """Point the logger of a resumed ``fit`` at the run folder its checkpoint came from.
+
+    For ``--ckpt_path <save_dir>/<name>/<version>/checkpoints/x.ckpt`` and a CSV or TensorBoard logger whose
+    ``version`` was not given, the resumed run logs into ``<save_dir>/<name>/<version>`` (not a new version
+    folder). CSVLogger rewrites ``metrics.csv`` of an existing folder, so the earlier rows are kept first as
+    ``metrics_before_step<N>.csv``.
+
+    Returns:
+        The run folder resumed into, or None.
+    """
+    ckpt = config.get("ckpt_path")
+    logger = (config.get("trainer") or {}).get("logger")
+    if not ckpt or not os.path.isfile(ckpt) or not hasattr(logger, "get"):
+        return None
+    ckpt = Path(ckpt).resolve()
+    init = logger.get("init_args")
+    kind = str(logger.get("class_path", "")).rsplit(".", 1)[-1]
+    if ckpt.parent.name != "checkpoints" or init is None or init.get("version") is not None or kind not in (
+            "CSVLogger", "TensorBoardLogger"):
+        return None
+    run_dir = ckpt.parent.parent
+    init["save_dir"], init["name"], init["version"] = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+    metrics = run_dir / "metrics.csv"
+    if kind == "CSVLogger" and metrics.is_file():
+        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", 0)
+        metrics.rename(run_dir / f"metrics_before_step{step}.csv")
+    return run_dir
 
 
 def check_ckpt_path(ckpt_path: str | os.PathLike | None, model_class_path: str | None) -> None:
@@ -120,6 +151,8 @@ class LMCLightningCLI(LightningCLI):
         if logger not in (None, True, False):
             _check_logger(logger)
             place_logs(config)
+            if self.subcommand == "fit":
+                resume_in_place(config)
 
 
 NETS_NOTE = " Registered nets: "

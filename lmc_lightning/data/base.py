@@ -230,13 +230,18 @@ class BaseDataModule(LightningDataModule):
             sampler = ShardedSampler(len(x), shuffle=train, seed=self.seed, rank=rank, world_size=world_size,
                                      drop_uneven=train)
             return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed)
+        # One process: a sampler whose order is a function of (seed, epoch), which Lightning sets every epoch, so a
+        # resumed run sees the same order as an uninterrupted one. Under DDP Lightning puts in a DistributedSampler
+        # (seeded, set_epoch as well) in place of the shuffle.
+        sampler = ShardedSampler(len(x), shuffle=True, seed=self.seed) if train and world_size == 1 else None
         return DataLoader(
             TensorBatchDataset(x, y),
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=transform,
             pin_memory=device.type == "cuda" or (self.trainer is None and torch.cuda.is_available()),
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed) if train and sampler is None else None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,7 +22,8 @@ class InterpolationModule(PathModule):
     """Evaluate linear interpolation ``(1 - t) * theta_a + t * theta_b`` between two endpoints.
 
     ``lmc test --model InterpolationModule --model.endpoints [a.ckpt,b.ckpt] --model.bn reset
-    --data FashionMNISTDataModule`` logs ``path/loss_t=...``, ``path/acc_t=...`` and ``barrier/*``, and writes
+    --data FashionMNISTDataModule`` logs ``barrier/*`` and ``endpoint/*`` (and the curve as an image to TensorBoard or
+    W&B), and writes
     ``path.csv``, ``path.json`` and ``path.png`` into the log folder.
 
     Args:
@@ -125,6 +127,8 @@ class InterpolationModule(PathModule):
         rank, world = rank_info(self._trainer)
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         aligned = None
+        rank_zero_info(f"InterpolationModule: aligning endpoint 1 to endpoint 0 by {self.align} matching ...")
+        start = time.perf_counter()
         if rank == 0:
             data = None
             if self.align != "weight":
@@ -133,7 +137,8 @@ class InterpolationModule(PathModule):
             aligned = as_weight_dict(theta_b)
         if world > 1:
             aligned = self.trainer.strategy.broadcast(aligned, src=0)
-        rank_zero_info(f"InterpolationModule: aligned endpoint 1 to endpoint 0 by {self.align} matching.")
+        rank_zero_info(f"InterpolationModule: aligned endpoint 1 to endpoint 0 by {self.align} matching in "
+                       f"{time.perf_counter() - start:.1f} s.")
         if self.save_aligned is not None and rank == 0:
             save_net(self.save_aligned, aligned, self.net_spec)
             rank_zero_info(f"InterpolationModule: wrote the aligned endpoint 1 to {self.save_aligned}.")

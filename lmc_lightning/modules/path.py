@@ -8,9 +8,11 @@ and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, ClassVar, Literal
 
@@ -337,7 +339,8 @@ class PathModule(LMCModule):
 
     def _make_template(self, spec: dict[str, Any]) -> nn.Module:
         kwargs = dict(spec)
-        template = get_net(kwargs.pop("name"), **kwargs).eval()
+        with torch.random.fork_rng(devices=[]):  # its weights are never used: leave the run's random stream alone
+            template = get_net(kwargs.pop("name"), **kwargs).eval()
         template.requires_grad_(False)
         self.net_spec = spec
         object.__setattr__(self, "_template", template)
@@ -402,12 +405,14 @@ class PathModule(LMCModule):
         if self.path is None:
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
         data, train = self.evaluation_data(split)
-        return evaluate_on_ranks(
-            self.path, self.net, data, self.trainer, coords=self.eval_coords(), bn=self.bn,
-            train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
-            batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
-            strategy=self.eval_strategy, renorm_options=self.renorm_options,
-        )
+        coords = self.eval_coords()
+        with point_progress(self._trainer, len(coords), f"{type(self).__name__}: {split} points") as progress:
+            return evaluate_on_ranks(
+                self.path, self.net, data, self.trainer, coords=coords, bn=self.bn,
+                train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
+                batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
+                strategy=self.eval_strategy, renorm_options=self.renorm_options, progress=progress,
+            )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing per batch: the grid is evaluated once on the whole test split in ``on_test_epoch_end``."""
@@ -428,18 +433,62 @@ class PathModule(LMCModule):
             rank_zero_info(f"{type(self).__name__}: {summary}; wrote {names} to {FilePath(folder).resolve()}")
 
     def log_result(self, result: PathResult) -> None:
-        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary (with named sets:
-        ``path/<set>/loss_t=...`` and ``barrier/<set>/*`` per set)."""
+        """Log the ``barrier/*`` summary and the endpoints' ``endpoint/loss_t=0.00``, ``endpoint/acc_...`` values
+        as scalars (with named sets: ``barrier/<set>/*`` and ``endpoint/<set>/*``), and the whole curve (or
+        surface) as a figure to loggers that take images (TensorBoard, W&B); the values at every point are in
+        ``path.csv``/``path.json``."""
         parts = {f"/{name}": part for name, part in result.sets.items()} or {"": result}
         metrics = {}
         for tag, part in parts.items():
             metrics.update(summary_metrics(part, prefix=f"barrier{tag}"))
             for coord, loss, acc in zip(part.coords, part.loss, part.accuracy, strict=True):
-                label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
-                metrics[f"path{tag}/loss_{label}"] = float(loss)
-                metrics[f"path{tag}/acc_{label}"] = float(acc)
+                if np.all((coord == 0) | (coord == 1)):
+                    label = point_label(coord.tolist())
+                    metrics[f"endpoint{tag}/loss_{label}"] = float(loss)
+                    metrics[f"endpoint{tag}/acc_{label}"] = float(acc)
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)  # already identical on every rank
+        if self._trainer is not None and self.trainer.is_global_zero and self.trainer.loggers:
+            log_figure(self.trainer.loggers, result.figure(title=type(self).__name__), "path", self.global_step)
+
+
+@contextlib.contextmanager
+def point_progress(trainer: Any, total: int, desc: str) -> Iterator[Callable[[int], Any] | None]:
+    """A progress bar over evaluated points, on rank zero while the trainer shows progress bars (``None`` else).
+
+    Lightning's own bars are tqdm bars; this one is too, so ``--trainer.enable_progress_bar false`` turns both off.
+    """
+    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="point", dynamic_ncols=True, leave=True, file=sys.stderr)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def log_figure(loggers: Sequence[Any], figure: Any, tag: str, step: int = 0) -> list[str]:
+    """Send a matplotlib figure, as an RGB image, to every logger that takes images (TensorBoard, W&B).
+
+    Returns:
+        The class names of the loggers that received it (CSV loggers take no images: ``path.png`` is on disk).
+    """
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    sent = []
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        elif kind == "WandbLogger":
+            logger.log_image(key=tag, images=[image], step=step)
+        else:
+            continue
+        sent.append(kind)
+    return sent
 
 
 def summary_metrics(result: PathResult, prefix: str = "barrier") -> dict[str, float]:

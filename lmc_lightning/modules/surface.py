@@ -13,6 +13,7 @@ sequential``, ``warmup: two_edges``, ``corner_order: mcsurface``, ``bn: null`` a
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -203,6 +204,8 @@ class SurfaceModule(FittedPathModule):
             ValueError: ``init_epochs >= max_epochs`` (a warning instead under ``fast_dev_run``, a smoke test).
         """
         max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and self.optim.horizon_epochs is not None:  # a planned stop, resumed later
+            max_epochs = max(max_epochs, math.ceil(self.optim.horizon_epochs))
         if self.init_epochs and max_epochs is not None and 0 <= max_epochs <= self.init_epochs:
             message = (f"SurfaceModule: init_epochs={self.init_epochs} >= max_epochs={max_epochs}: training would end "
                        "inside the edge-only warm-up and the interior control points would never train. Lower "
