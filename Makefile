@@ -5,7 +5,7 @@ LMC := $(PYTHON) -m lmc_lightning
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO := runs/demo
 
-.PHONY: install data demo test
+.PHONY: install data demo test notebooks
 
 install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -33,3 +33,7 @@ demo: install data
 
 test: install data
 	$(PYTHON) -m pytest -q
+
+# Re-execute the example notebooks (examples/*.ipynb) from their percent-format scripts (examples/*.py).
+notebooks: install data
+	LMC_EPOCHS=3 LMC_SUBSET=10000 $(PYTHON) examples/build_notebooks.py

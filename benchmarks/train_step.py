@@ -8,6 +8,7 @@ epoch (the first one warms up). Rounds are interleaved and the best of ``--repea
   (under ``torch.autocast`` for bf16), over the same :class:`~lmc_lightning.data.loaders.DeviceLoader` batches.
 * ``module``: ``EndpointModule`` in ``Trainer.fit`` (no logger or progress bar, as the hand loop has none).
 * ``module, CLI defaults``: the same with a CSV logger and the progress bar, as ``lmc fit`` runs it.
+* ``automatic opt.``: the module under Lightning's automatic optimisation (its closure and per-step hooks).
 * ``before``: the module as it was (torchmetrics accuracy and ``self.log`` on every step), for the record.
 
 Prints a ratio table (module / hand; target <= 1.2), a breakdown of the module's host time per step (cProfile) and
@@ -101,11 +102,21 @@ class LastEpochProfile(Callback):
         self.result = _stop_profile(self.kind, self.prof)
 
 
-class Before(EndpointModule):
-    """EndpointModule's training step before this benchmark: MulticlassAccuracy and ``self.log`` every step."""
+class AutomaticStep(EndpointModule):
+    """EndpointModule under Lightning's automatic optimisation (closure, per-step optimiser hooks)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.automatic_optimization = True
+
+
+class Before(EndpointModule):
+    """EndpointModule's training step before this benchmark: MulticlassAccuracy and ``self.log`` every step,
+    automatic optimisation."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = True
         self.acc_before = MulticlassAccuracy(self.num_classes, average="micro")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -113,25 +124,6 @@ class Before(EndpointModule):
 
     def on_train_epoch_end(self) -> None:
         pass
-
-
-class ManualStep(EndpointModule):
-    """EndpointModule with Lightning's manual optimisation (one candidate for less per-step overhead)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        loss = self._step(batch, "train")
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
-        sched.step()
-        if self._logs_this_step():
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
 
 
 def _sync(device: torch.device) -> None:
@@ -254,27 +246,27 @@ def measure(variant: str, key: str, args: argparse.Namespace, device: torch.devi
     """Seconds per step of one variant of the ratio table."""
     if variant == "hand":
         return hand_seconds(key, args, device, precision, channels_last)
-    cls = {"module": EndpointModule, "cli": EndpointModule, "manual": ManualStep, "before": Before}[variant]
+    cls = {"module": EndpointModule, "cli": EndpointModule, "auto": AutomaticStep, "before": Before}[variant]
     return fit_seconds(endpoint(key, channels_last, cls), args, device, precision, cli_defaults=variant == "cli")[0]
 
 
 def ratio_table(args: argparse.Namespace, device: torch.device) -> dict[tuple[str, str], float]:
     print("\n## Per-step time: EndpointModule (Lightning fit) vs a hand-written loop, same device-resident data")
-    print("| net | setting | hand ms | module ms | module / hand | module, CLI defaults / hand | manual opt. / hand "
+    print("| net | setting | hand ms | module ms | module / hand | module, CLI defaults / hand | automatic opt. / hand "
           "| before / hand |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     out = {}
     for key in args.nets:
         for label, precision, cl in settings(args, key):
             best: dict[str, float] = {}
-            variants = ["hand", "module"] + (["cli", "manual", "before"] if label == "fp32" else [])
+            variants = ["hand", "module"] + (["cli", "auto", "before"] if label == "fp32" else [])
             for _ in range(args.repeats):
                 for name in variants:
                     best[name] = min(best.get(name, float("inf")), measure(name, key, args, device, precision, cl))
             hand = best["hand"]
-            ratio = {k: f"{best[k] / hand:.2f}x" if k in best else "-" for k in ("cli", "manual", "before")}
+            ratio = {k: f"{best[k] / hand:.2f}x" if k in best else "-" for k in ("cli", "auto", "before")}
             print(f"| {LABELS[key]} | {label} | {hand * 1e3:.2f} | {best['module'] * 1e3:.2f} | "
-                  f"{best['module'] / hand:.2f}x | {ratio['cli']} | {ratio['manual']} | {ratio['before']} |",
+                  f"{best['module'] / hand:.2f}x | {ratio['cli']} | {ratio['auto']} | {ratio['before']} |",
                   flush=True)
             out[(key, label)] = best["module"]
     return out
@@ -326,15 +318,16 @@ def profile_breakdown(args: argparse.Namespace, device: torch.device) -> None:
     for label, cls in (("module", EndpointModule), ("before", Before)):
         _, prof = fit_seconds(endpoint(key, cls=cls), args, device, "32-true", profile="torch")
         kernel_us = sum(e.self_device_time_total for e in prof.result.key_averages())
-        syncs = sum(e.count for e in prof.result.key_averages() if "item" in e.key or "_local_scalar_dense" in e.key)
+        syncs = sum(e.count for e in prof.result.key_averages() if "Synchronize" in e.key)
         print(f"  {label}: {kernel_us / 1e6 / prof.wall:.0%} busy; {syncs / (args.subset // args.batch_size):.1f} "
-              "host reads (.item) per step")
+              "CUDA synchronisations per step")
 
 
 # Zoo throughput -----------------------------------------------------------------------------------------------------
 
 def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     """Throughput of a zoo of K models in one run against K sequential ``num_models=1`` runs."""
+    args = argparse.Namespace(**{**vars(args), "subset": args.zoo_subset or args.subset})
     if "num_models" not in inspect.signature(EndpointModule).parameters:
         print("\n(zoo: EndpointModule has no num_models here; skipped)")
         return
@@ -410,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-net", default="mlp", choices=list(NETS))
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--zoo", type=int, nargs="*", default=[], help="zoo sizes K to time, e.g. 1 4 16 64")
+    parser.add_argument("--zoo-subset", type=int, default=None, help="training images per zoo epoch (None: --subset)")
     parser.add_argument("--zoo-nets", nargs="+", default=["mlp", "resnet20"], choices=list(NETS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--accuracy-epochs", type=int, default=0,

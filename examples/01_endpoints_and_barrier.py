@@ -4,6 +4,7 @@
 # Settings come from environment variables so a test can run this notebook on tiny settings.
 
 # %%
+# %matplotlib inline
 import os
 
 import lightning.pytorch as pl
@@ -11,10 +12,12 @@ import lightning.pytorch as pl
 import lmc_lightning as lmc
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EndpointModule, OptimConfig
+from lmc_lightning.plots import plot_result
 from lmc_lightning.weights.paths import Linear
 
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 3))
 SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or None  # None = all 60k training images
+POINTS = int(os.environ.get("LMC_POINTS", 11))  # points along each path
 OUT = os.environ.get("LMC_OUT", "runs/example01")
 
 # %% Train two endpoints (modes) that differ in initialisation and data order.
@@ -33,7 +36,10 @@ for seed in (0, 1):
 # %% Evaluate the linear path between them on the test split.
 data.setup("test")
 path = Linear(nets[0].state_dict(), nets[1].state_dict())
-result = lmc.evaluate_path(path, nets[0], data, num_points=11)
+result = lmc.evaluate_path(path, nets[0], data, num_points=POINTS)
 print(f"loss barrier {result.loss_barrier:.4f}, accuracy barrier {result.accuracy_barrier:.4f}")
 result.to_csv(f"{OUT}/path.csv")
 result.plot(f"{OUT}/path.png")
+
+# %%
+plot_result(result, title="linear path between the two modes")

@@ -6,10 +6,10 @@ import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported for their side effect: subclasses become selectable by short name (--model InterpolationModule).
@@ -55,6 +55,36 @@ def place_logs(config: Any) -> None:
             init["save_dir"] = root
         if init.get("name") == LIGHTNING_RUN_NAME and module:
             init["name"] = module
+
+
+def resume_in_place(config: Any) -> Path | None:
+    """Point the logger of a resumed ``fit`` at the run folder its checkpoint came from.
+
+    For ``--ckpt_path <save_dir>/<name>/<version>/checkpoints/x.ckpt`` and a CSV or TensorBoard logger whose
+    ``version`` was not given, the resumed run logs into ``<save_dir>/<name>/<version>`` (not a new version
+    folder). CSVLogger rewrites ``metrics.csv`` of an existing folder, so the earlier rows are kept first as
+    ``metrics_before_step<N>.csv``.
+
+    Returns:
+        The run folder resumed into, or None.
+    """
+    ckpt = config.get("ckpt_path")
+    logger = (config.get("trainer") or {}).get("logger")
+    if not ckpt or not os.path.isfile(ckpt) or not hasattr(logger, "get"):
+        return None
+    ckpt = Path(ckpt).resolve()
+    init = logger.get("init_args")
+    kind = str(logger.get("class_path", "")).rsplit(".", 1)[-1]
+    if ckpt.parent.name != "checkpoints" or init is None or init.get("version") is not None or kind not in (
+            "CSVLogger", "TensorBoardLogger"):
+        return None
+    run_dir = ckpt.parent.parent
+    init["save_dir"], init["name"], init["version"] = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+    metrics = run_dir / "metrics.csv"
+    if kind == "CSVLogger" and metrics.is_file():
+        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", 0)
+        metrics.rename(run_dir / f"metrics_before_step{step}.csv")
+    return run_dir
 
 
 def check_ckpt_path(ckpt_path: str | os.PathLike | None, model_class_path: str | None) -> None:
@@ -121,6 +151,8 @@ class LMCLightningCLI(LightningCLI):
         if logger not in (None, True, False):
             _check_logger(logger)
             place_logs(config)
+            if self.subcommand == "fit":
+                resume_in_place(config)
 
 
 NETS_NOTE = " Registered nets: "
@@ -150,12 +182,18 @@ def document_nets() -> None:
         cls.__doc__ = "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def main(args: list[str] | None = None) -> LightningCLI | int:
     """Run ``lmc fit|validate|test|predict`` and return the CLI (its ``trainer``, ``model``, ``datamodule``).
 
     ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks). Errors propagate as exceptions; the ``lmc``
-    console script is :func:`run`, which turns them into a message and an exit code.
+    console script is :func:`run`, which turns them into a message and an exit code. ``lmc reproduce ...`` goes to
+    :func:`lmc_lightning.reproduce.main` and returns its exit status (an int).
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["reproduce"]:
+        from lmc_lightning.reproduce import main as reproduce
+
+        return reproduce(argv[1:])
     document_nets()
     return LMCLightningCLI(
         LMCModule,
@@ -178,13 +216,14 @@ def run(args: list[str] | None = None) -> int:
 
     Returns 0 after a successful run. An error prints ``lmc: error: <type>: <message>`` to stderr first and returns
     1; the traceback follows only when asked for (``--traceback`` anywhere in the arguments, or ``LMC_TRACEBACK=1``).
-    Argument errors exit with the parser's message and code 2, as before.
+    Argument errors exit with the parser's message and code 2, as before. ``lmc reproduce`` returns its own status
+    (1 when a figure misses its tolerance).
     """
     argv = list(sys.argv[1:] if args is None else args)
     show_traceback = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != TRACEBACK_FLAG]
     try:
-        main(argv)
+        result = main(argv)
     except KeyboardInterrupt:
         print("lmc: interrupted", file=sys.stderr)
         return 130
@@ -196,4 +235,4 @@ def run(args: list[str] | None = None) -> int:
         else:
             print(f"(pass {TRACEBACK_FLAG} or set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0

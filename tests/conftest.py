@@ -14,6 +14,11 @@ from torch import Tensor, nn
 
 from lmc_lightning.data.idx import read_idx
 
+# Lightning probes for MPI on every Trainer (MPIEnvironment.detect imports mpi4py, which initialises MPI); a process
+# that forks DDP workers after that crashed them with SIGSEGV on a GPU host. No test uses MPI: keep mpi4py out.
+if "mpi4py" not in sys.modules:
+    sys.modules["mpi4py"] = None  # type: ignore[assignment]  # `import mpi4py` raises ImportError
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
@@ -126,6 +131,8 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", item.nodeid],
                           cwd=item.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        pytest.fail(f"{item.nodeid} failed in its CPU-only child process:\n{done.stdout[-6000:]}{done.stderr[-3000:]}",
-                    pytrace=False)
+        crash = [line for line in (done.stdout + done.stderr).splitlines()
+                 if "Fatal Python error" in line or line.lstrip().startswith('File "')][:80]
+        pytest.fail(f"{item.nodeid} failed in its CPU-only child process:\n{done.stdout[-6000:]}{done.stderr[-3000:]}"
+                    + ("\ncrash stack:\n" + "\n".join(crash) if crash else ""), pytrace=False)
     item.runtest = lambda: None  # passed in the child; nothing left to run here

@@ -15,7 +15,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,8 @@ import torch
 from lmc_lightning.cli import main, run
 
 ROOT = Path(__file__).parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/experiments/<seed>/*.yaml are `lmc reproduce` chains (tests/test_reproduce.py parses each of their steps).
+CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.parent.name != "experiments")
 TINY_NET = '{"depth": 1, "width": 16}'
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
           "--trainer.accelerator", "cpu"]
@@ -132,7 +132,7 @@ def test_cli_rows_exit_zero_and_write_where_the_readme_says(trained, curve_ckpt,
 
 def test_curve_checkpoint_is_self_contained_and_checked(curve_ckpt: Path, workspace: Path, fake_fmnist_root: Path,
                                                         tmp_path: Path, capsys, monkeypatch) -> None:
-    """`lmc test --ckpt_path` from another folder needs no endpoint files; wrong or mistyped paths are one-line errors."""
+    """`lmc test --ckpt_path` elsewhere needs no endpoint files; wrong or mistyped paths are one-line errors."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the endpoints' relative paths (runs/EndpointModule/...) do not resolve here
@@ -169,7 +169,8 @@ def test_python_rows(trained, rows, fake_fmnist_root: Path) -> None:
 
 def _console_script(folder: Path) -> Path:
     """An ``lmc`` script as pip writes it from pyproject's ``[project.scripts]`` entry."""
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lmc"]
+    scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1]
+    target = re.search(r'^lmc\s*=\s*"([^"]+)"', scripts, re.M).group(1)  # (tomllib needs Python 3.11)
     module, func = target.split(":")
     script = folder / "lmc"
     script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
@@ -180,7 +181,8 @@ def _console_script(folder: Path) -> Path:
 def test_lmc_script_chains_fit_and_test_and_reports_errors_in_one_line(fake_fmnist_root: Path,
                                                                         tmp_path: Path) -> None:
     _console_script(tmp_path)
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": python_path,
            "OMP_NUM_THREADS": "1"}
     args = " ".join(shlex.quote(a) for a in tiny("lmc fit --config configs/endpoint/fmnist_mlp.yaml", fake_fmnist_root))
     out = tmp_path / "out"
@@ -240,3 +242,24 @@ def test_bare_import_reaches_the_subpackages() -> None:
     assert "mlp" in lmc_lightning.__getattr__("nets").available()
     with pytest.raises(AttributeError, match="no attribute 'nots'"):
         lmc_lightning.__getattr__("nots")
+
+
+def test_path_test_logs_a_summary_a_figure_and_shows_progress(trained, fake_fmnist_root: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, a bar over the points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["test", "--model", "InterpolationModule", "--model.endpoints", f"[{trained[0]},{trained[1]}]",
+            "--model.num_points", "5", "--data", "FashionMNISTDataModule", "--data.root", str(fake_fmnist_root),
+            "--trainer.logger", "TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.accelerator", "cpu"]
+    cli = main(args)
+    metrics = set(cli.trainer.callback_metrics)
+    assert metrics == {f"barrier/{n}" for n in ("loss", "accuracy", "loss_mean", "accuracy_mean")} | {
+        f"endpoint/{m}_t={t}" for m in ("loss", "acc") for t in ("0.00", "1.00")}
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "path" in events.Tags()["images"]
+    assert "InterpolationModule: test points" in capsys.readouterr().err  # the bar over the 5 points
+    main([*args, "--trainer.enable_progress_bar", "false"])
+    assert "test points" not in capsys.readouterr().err

@@ -40,6 +40,9 @@ class BaseDataModule(LightningDataModule):
             (``seed_everything`` / ``--seed_everything``, read from ``PL_GLOBAL_SEED`` when the datamodule is
             built), 0 when none was set.
         device_resident: Move the whole dataset to the training device once and make batches there.
+        random_erasing: Probability of random erasing on training batches (MCSurface: 0.5; scale 0.02-0.25,
+            ratio 0.3-3.3, value 0), on the device; 0: off.
+        random_grayscale: Probability of turning a training image grey (MCSurface's surfaces: 0.1); 0: off.
     """
 
     num_classes: int
@@ -62,8 +65,13 @@ class BaseDataModule(LightningDataModule):
         download: bool = False,
         seed: int | None = None,
         device_resident: bool = False,
+        random_erasing: float = 0.0,
+        random_grayscale: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (0 <= random_erasing <= 1 and 0 <= random_grayscale <= 1):
+            raise ValueError("random_erasing and random_grayscale are probabilities in [0, 1], got "
+                             f"{random_erasing} and {random_grayscale}.")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
         if num_workers < 0:
@@ -88,6 +96,8 @@ class BaseDataModule(LightningDataModule):
         self.download = download
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.device_resident = device_resident
+        self.random_erasing = random_erasing
+        self.random_grayscale = random_grayscale
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -210,6 +220,8 @@ class BaseDataModule(LightningDataModule):
         the tensors' device-resident copy."""
         batch_size = self.batch_size if train else self.eval_batch_size
         transform = self._transform(augment=train and self.augment)
+        if train and isinstance(transform, BatchTransform):  # erasing / grayscale on training batches only
+            transform.erasing, transform.grayscale = self.random_erasing, self.random_grayscale
         device, rank, world_size = self._placement()
         if self.device_resident:
             if key not in self._resident or self._resident[key][0].device != device:
@@ -218,13 +230,18 @@ class BaseDataModule(LightningDataModule):
             sampler = ShardedSampler(len(x), shuffle=train, seed=self.seed, rank=rank, world_size=world_size,
                                      drop_uneven=train)
             return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed)
+        # One process: a sampler whose order is a function of (seed, epoch), which Lightning sets every epoch, so a
+        # resumed run sees the same order as an uninterrupted one. Under DDP Lightning puts in a DistributedSampler
+        # (seeded, set_epoch as well) in place of the shuffle.
+        sampler = ShardedSampler(len(x), shuffle=True, seed=self.seed) if train and world_size == 1 else None
         return DataLoader(
             TensorBatchDataset(x, y),
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=transform,
             pin_memory=device.type == "cuda" or (self.trainer is None and torch.cuda.is_available()),
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed) if train and sampler is None else None,
         )

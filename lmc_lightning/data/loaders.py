@@ -122,7 +122,7 @@ class DeviceLoader:
         epoch = self.sampler.epoch
         index = self.sampler.draw().to(self.x.device)
         generator = None
-        if self.transform.augment:
+        if self.transform.stochastic:
             generator = torch.Generator(device=self.x.device)
             generator.manual_seed(mix_seed(self.seed, epoch, self.sampler.rank, 1))
         for chunk in index.split(self.batch_size):

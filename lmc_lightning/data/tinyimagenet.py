@@ -124,9 +124,11 @@ class TinyImageNetDataModule(BaseDataModule):
         download: bool = False,
         seed: int | None = None,
         device_resident: bool = False,
+        random_erasing: float = 0.0,
+        random_grayscale: float = 0.0,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, val_split, train_subset, subset_mode,
-                         augment, normalize, download, seed, device_resident)
+                         augment, normalize, download, seed, device_resident, random_erasing, random_grayscale)
 
     @property
     def folder(self) -> Path:

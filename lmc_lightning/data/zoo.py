@@ -21,7 +21,7 @@ class ZooBatches:
       :class:`ShardedSampler` draws it for seed ``seeds[k]``, all ``K`` index rows go to the device once per epoch,
       and a step cuts one ``[K, B]`` block and transforms it in one call (per member when augmenting, with the
       member's own augmentation stream), so row ``k`` equals the batch of a run with ``data.seed = seeds[k]``;
-    * a ``DataLoader``: one loader per member, shuffled by a generator seeded ``seeds[k]`` (a
+    * a ``DataLoader``: one loader per member, shuffled by a :class:`ShardedSampler` seeded ``seeds[k]`` (a
       ``DistributedSampler`` with that seed under DDP), as the datamodule builds its own.
 
     Batch ``i`` of an epoch is addressed by its index, so a run resumed at an epoch boundary continues every member
@@ -52,8 +52,8 @@ class ZooBatches:
         if self.world_size > 1:
             kwargs["sampler"] = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank,
                                                    shuffle=True, seed=seed)
-        else:
-            kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(seed))
+        else:  # as the datamodule's single-process loader: the order is a function of (seed, epoch)
+            kwargs["sampler"] = ShardedSampler(len(loader.dataset), shuffle=True, seed=seed)
         return DataLoader(loader.dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
                           collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                           persistent_workers=loader.num_workers > 0, **kwargs)
@@ -72,7 +72,7 @@ class ZooBatches:
             self._index = torch.stack(rows).to(self.loader.x.device)
             return
         for member in self._members:
-            if isinstance(member.sampler, DistributedSampler):
+            if isinstance(member.sampler, DistributedSampler | ShardedSampler):
                 member.sampler.set_epoch(epoch)
         self._iters = [iter(member) for member in self._members]
 

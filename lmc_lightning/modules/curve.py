@@ -148,6 +148,8 @@ class CurveModule(FittedPathModule):
         prefix: Network submodule inside the endpoints' checkpoints.
         net: Architecture name, needed only for plain state dict endpoints.
         net_kwargs: Architecture arguments overriding the checkpoints'.
+        key_map: Rename the endpoints' checkpoint keys to the net's: a registered map's name
+            (:func:`~lmc_lightning.checkpoint.key_maps`) or ``{regex: replacement}`` rules.
         output_dir: Folder of ``path.csv/json/png``; ``None``: the trainer's log folder.
         num_classes: Number of classes (linked from the data).
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
@@ -178,6 +180,7 @@ class CurveModule(FittedPathModule):
         prefix: str | list[str] = "net",
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
+        key_map: str | dict[str, str] | None = None,
         output_dir: str | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
@@ -204,7 +207,7 @@ class CurveModule(FittedPathModule):
         super().__init__(
             endpoints=endpoints, num_points=num_points, bn=bn,
             bn_batches=bn_batches, bn_batch_size=bn_batch_size, evaluation_batch_size=evaluation_batch_size,
-            precision=precision, strategy=strategy, prefix=prefix, net=net, net_kwargs=net_kwargs,
+            precision=precision, strategy=strategy, prefix=prefix, net=net, net_kwargs=net_kwargs, key_map=key_map,
             output_dir=output_dir, num_classes=num_classes, input_shape=input_shape, optim=optim,
             label_smoothing=label_smoothing, eval_sets=eval_sets, eval_split=eval_split,
         )

@@ -109,11 +109,30 @@ class EndpointModule(LMCModule):
         self.val_totals = ClassificationTotals(num_models)
         self.test_totals = ClassificationTotals(num_models)
         self._zoo_batches: ZooBatches | None = None
+        self._automatic_optimization = False  # see automatic_optimization
         if (init is not None or freeze is not None) and num_models != 1:
             raise ValueError("init and freeze apply to a single network: use num_models=1.")
         self.init, self.init_prefix = init, init_prefix
         self._init_loaded = init is None
         self.frozen = freeze_until(self.net, freeze, self.input_shape) if freeze is not None else []
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """False (the step updates the weights itself) unless the trainer asks for gradient clipping or accumulation.
+
+        The update is the one Lightning's automatic optimisation makes (``zero_grad``, ``manual_backward`` with the
+        precision plugin, ``optimizer.step``, the step-wise schedule), without its closure and per-step hooks
+        (``on_before_zero_grad``, ``on_before_optimizer_step`` and ``configure_gradient_clipping`` are not called).
+        ``Trainer(gradient_clip_val=...)`` or ``accumulate_grad_batches > 1`` switch to automatic optimisation.
+        """
+        trainer = self._trainer
+        if self._automatic_optimization or trainer is None:
+            return self._automatic_optimization
+        return bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self._automatic_optimization = value
 
     @property
     def is_zoo(self) -> bool:
@@ -169,12 +188,24 @@ class EndpointModule(LMCModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy step (of every zoo member on its own batch)."""
         loss = self._step(batch, "train", batch_idx)
+        if not self.automatic_optimization:
+            self._update(loss)
         if self._logs_this_step():
             # A host copy (one sync per logging step): the progress bar reads its values on every step, which for
             # a device tensor would make the host wait for the GPU each step.
             self.log("train/loss_step", (loss.detach() / self.num_models).cpu(), on_step=True, on_epoch=False,
                      prog_bar=True)
         return loss
+
+    def _update(self, loss: Tensor) -> None:
+        """One optimiser step and the step-wise schedule (manual optimisation)."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Validation loss and accuracy."""
@@ -231,6 +262,7 @@ class EndpointModule(LMCModule):
             self.save_members()
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()
         self._zoo_batches = None
 
     def member_dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,7 +22,8 @@ class InterpolationModule(PathModule):
     """Evaluate linear interpolation ``(1 - t) * theta_a + t * theta_b`` between two endpoints.
 
     ``lmc test --model InterpolationModule --model.endpoints [a.ckpt,b.ckpt] --model.bn reset
-    --data FashionMNISTDataModule`` logs ``path/loss_t=...``, ``path/acc_t=...`` and ``barrier/*``, and writes
+    --data FashionMNISTDataModule`` logs ``barrier/*`` and ``endpoint/*`` (and the curve as an image to TensorBoard or
+    W&B), and writes
     ``path.csv``, ``path.json`` and ``path.png`` into the log folder.
 
     Args:
@@ -52,6 +54,8 @@ class InterpolationModule(PathModule):
             checkpoint given twice).
         net: Architecture name, needed only for plain state dict endpoints.
         net_kwargs: Architecture arguments overriding the checkpoints'.
+        key_map: Rename the endpoints' checkpoint keys to the net's: a registered map's name
+            (:func:`~lmc_lightning.checkpoint.key_maps`) or ``{regex: replacement}`` rules.
         output_dir: Folder of the result files; ``None``: the trainer's log folder.
         num_classes: Number of classes (linked from the data).
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
@@ -82,6 +86,7 @@ class InterpolationModule(PathModule):
         prefix: str | list[str] = "net",
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
+        key_map: str | dict[str, str] | None = None,
         output_dir: str | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
@@ -101,8 +106,9 @@ class InterpolationModule(PathModule):
         super().__init__(
             endpoints=endpoints, num_points=num_points, bn=bn, bn_batches=bn_batches, bn_batch_size=bn_batch_size,
             evaluation_batch_size=evaluation_batch_size, precision=precision, strategy=strategy, prefix=prefix, net=net,
-            net_kwargs=net_kwargs, output_dir=output_dir, num_classes=num_classes, input_shape=input_shape,
-            optim=optim, label_smoothing=label_smoothing, eval_sets=eval_sets, eval_split=eval_split,
+            net_kwargs=net_kwargs, key_map=key_map, output_dir=output_dir, num_classes=num_classes,
+            input_shape=input_shape, optim=optim, label_smoothing=label_smoothing, eval_sets=eval_sets,
+            eval_split=eval_split,
         )
         self.renorm_options = RenormOptions.parse(renorm_options)
         self.homogeneous = homogeneous
@@ -121,6 +127,8 @@ class InterpolationModule(PathModule):
         rank, world = rank_info(self._trainer)
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         aligned = None
+        rank_zero_info(f"InterpolationModule: aligning endpoint 1 to endpoint 0 by {self.align} matching ...")
+        start = time.perf_counter()
         if rank == 0:
             data = None
             if self.align != "weight":
@@ -129,7 +137,8 @@ class InterpolationModule(PathModule):
             aligned = as_weight_dict(theta_b)
         if world > 1:
             aligned = self.trainer.strategy.broadcast(aligned, src=0)
-        rank_zero_info(f"InterpolationModule: aligned endpoint 1 to endpoint 0 by {self.align} matching.")
+        rank_zero_info(f"InterpolationModule: aligned endpoint 1 to endpoint 0 by {self.align} matching in "
+                       f"{time.perf_counter() - start:.1f} s.")
         if self.save_aligned is not None and rank == 0:
             save_net(self.save_aligned, aligned, self.net_spec)
             rank_zero_info(f"InterpolationModule: wrote the aligned endpoint 1 to {self.save_aligned}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -51,9 +52,11 @@ class PairModule(LMCModule):
         same_data_order: Feed both nets the same batches; otherwise ``net_b`` gets its own order (``data_seed``).
         spawn_step: Optimiser steps ``net_a`` trains alone before being copied into ``net_b`` (0: no spawning;
             ``> 0`` overrides ``same_init``).
-        seed_a: Initialisation seed of ``net_a``.
-        seed_b: Initialisation seed of ``net_b`` (used when neither ``same_init`` nor ``spawn_step``).
-        data_seed: Seed of ``net_b``'s data order.
+        seed_a: Initialisation seed of ``net_a``; None: the run's seed (``seed_everything``, ``PL_GLOBAL_SEED``; 0
+            when none was set).
+        seed_b: Initialisation seed of ``net_b`` (used when neither ``same_init`` nor ``spawn_step``); None:
+            ``seed_a + 1``.
+        data_seed: Seed of ``net_b``'s data order; None: ``seed_b`` (``seed_a + 1`` when that is None).
         init: Checkpoint(s) to start from: ``[both]`` or ``[for_a, for_b]``; ``None``: fresh initialisations.
         init_prefix: Network submodule inside the ``init`` Lightning checkpoints (one name, or one per file; e.g.
             ``[net_a, net_b]`` for a PairModule checkpoint given twice).
@@ -70,9 +73,9 @@ class PairModule(LMCModule):
         same_init: bool = False,
         same_data_order: bool = False,
         spawn_step: int = 0,
-        seed_a: int = 0,
-        seed_b: int = 1,
-        data_seed: int = 1,
+        seed_a: int | None = None,
+        seed_b: int | None = None,
+        data_seed: int | None = None,
         init: list[str] | None = None,
         init_prefix: str | list[str] = "net",
         num_classes: int = 10,
@@ -82,6 +85,9 @@ class PairModule(LMCModule):
     ) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, optim=optim,
                          label_smoothing=label_smoothing)
+        seed_a = seed_a if seed_a is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed_b = seed_b if seed_b is not None else seed_a + 1
+        data_seed = data_seed if data_seed is not None else seed_b
         if spawn_step < 0:
             raise ValueError(f"spawn_step must be >= 0, got {spawn_step}.")
         if not same_init and spawn_step == 0 and seed_a == seed_b:

@@ -8,9 +8,11 @@ and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, ClassVar, Literal
 
@@ -163,6 +165,8 @@ class PathModule(LMCModule):
             ``"net_b"`` for a ``PairModule``); one name for all endpoints or one per endpoint.
         net: Architecture name; needed only when the endpoints are plain state dicts (overrides the checkpoints').
         net_kwargs: Architecture arguments overriding the checkpoints' (or for plain state dicts).
+        key_map: Rename the endpoints' checkpoint keys to the net's: a registered map's name
+            (:func:`~lmc_lightning.checkpoint.key_maps`) or ``{regex: replacement}`` rules.
         output_dir: Folder of ``path.csv/json/png``; ``None``: the trainer's log folder.
         num_classes: Number of classes (linked from the data).
         input_shape: ``(C, H, W)`` of the inputs (linked from the data).
@@ -180,6 +184,8 @@ class PathModule(LMCModule):
     trainable: ClassVar[bool] = False
     """Whether ``lmc fit`` makes sense (the path has free control points and a ``training_step``)."""
     min_endpoints: ClassVar[int] = 2
+    extra_eval_settings: ClassVar[tuple[str, ...]] = ()
+    """Subclass init args that are evaluation settings, kept out of the checkpoint like :data:`EVAL_SETTINGS`."""
 
     def __init__(
         self,
@@ -194,6 +200,7 @@ class PathModule(LMCModule):
         prefix: str | list[str] = "net",
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
+        key_map: str | dict[str, str] | None = None,
         output_dir: str | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
@@ -210,7 +217,7 @@ class PathModule(LMCModule):
             raise ValueError("eval_sets must name at least one set (or be null for the test split).")
         # Evaluation settings stay out of the checkpoint's hparams, so that `lmc test --ckpt_path ...` takes them
         # from the command line instead of silently restoring the values used at fit time (DESIGN rule 1).
-        self.save_hparams(ignore=EVAL_SETTINGS)
+        self.save_hparams(ignore=(*EVAL_SETTINGS, *self.extra_eval_settings))
         self.endpoints = [str(e) for e in (endpoints or [])]
         if self.endpoints and len(self.endpoints) < self.min_endpoints:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_endpoints} endpoints, got "
@@ -230,6 +237,7 @@ class PathModule(LMCModule):
         self.eval_strategy = strategy
         self.net_name = net
         self.net_kwargs = dict(net_kwargs or {})
+        self.key_map = key_map
         self.output_dir = output_dir
         self.eval_sets = list(eval_sets) if eval_sets is not None else None
         self.eval_split = eval_split
@@ -316,7 +324,8 @@ class PathModule(LMCModule):
         """
         if not self.endpoints:
             raise ValueError(f"{type(self).__name__} has no endpoints: pass --model.endpoints [a.ckpt,b.ckpt].")
-        loaded = [load_weights(p, prefix) for p, prefix in zip(self.endpoints, self.prefixes, strict=True)]
+        pairs = zip(self.endpoints, self.prefixes, strict=True)
+        loaded = [load_weights(p, prefix, key_map=self.key_map) for p, prefix in pairs]
         spec = self._resolve_spec([s for _, s in loaded])
         template = self._make_template(spec)
         names = [f"endpoint {i} ({p})" for i, p in enumerate(self.endpoints)]
@@ -330,7 +339,8 @@ class PathModule(LMCModule):
 
     def _make_template(self, spec: dict[str, Any]) -> nn.Module:
         kwargs = dict(spec)
-        template = get_net(kwargs.pop("name"), **kwargs).eval()
+        with torch.random.fork_rng(devices=[]):  # its weights are never used: leave the run's random stream alone
+            template = get_net(kwargs.pop("name"), **kwargs).eval()
         template.requires_grad_(False)
         self.net_spec = spec
         object.__setattr__(self, "_template", template)
@@ -395,12 +405,14 @@ class PathModule(LMCModule):
         if self.path is None:
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
         data, train = self.evaluation_data(split)
-        return evaluate_on_ranks(
-            self.path, self.net, data, self.trainer, coords=self.eval_coords(), bn=self.bn,
-            train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
-            batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
-            strategy=self.eval_strategy, renorm_options=self.renorm_options,
-        )
+        coords = self.eval_coords()
+        with point_progress(self._trainer, len(coords), f"{type(self).__name__}: {split} points") as progress:
+            return evaluate_on_ranks(
+                self.path, self.net, data, self.trainer, coords=coords, bn=self.bn,
+                train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
+                batch_size=self.evaluation_batch_size, device=self.device, precision=self.eval_precision,
+                strategy=self.eval_strategy, renorm_options=self.renorm_options, progress=progress,
+            )
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing per batch: the grid is evaluated once on the whole test split in ``on_test_epoch_end``."""
@@ -421,18 +433,62 @@ class PathModule(LMCModule):
             rank_zero_info(f"{type(self).__name__}: {summary}; wrote {names} to {FilePath(folder).resolve()}")
 
     def log_result(self, result: PathResult) -> None:
-        """Log ``path/loss_t=...``, ``path/acc_t=...`` per point and the ``barrier/*`` summary (with named sets:
-        ``path/<set>/loss_t=...`` and ``barrier/<set>/*`` per set)."""
+        """Log the ``barrier/*`` summary and the endpoints' ``endpoint/loss_t=0.00``, ``endpoint/acc_...`` values
+        as scalars (with named sets: ``barrier/<set>/*`` and ``endpoint/<set>/*``), and the whole curve (or
+        surface) as a figure to loggers that take images (TensorBoard, W&B); the values at every point are in
+        ``path.csv``/``path.json``."""
         parts = {f"/{name}": part for name, part in result.sets.items()} or {"": result}
         metrics = {}
         for tag, part in parts.items():
             metrics.update(summary_metrics(part, prefix=f"barrier{tag}"))
             for coord, loss, acc in zip(part.coords, part.loss, part.accuracy, strict=True):
-                label = point_label(torch.as_tensor(coord).reshape(-1).tolist())
-                metrics[f"path{tag}/loss_{label}"] = float(loss)
-                metrics[f"path{tag}/acc_{label}"] = float(acc)
+                if np.all((coord == 0) | (coord == 1)):
+                    label = point_label(coord.tolist())
+                    metrics[f"endpoint{tag}/loss_{label}"] = float(loss)
+                    metrics[f"endpoint{tag}/acc_{label}"] = float(acc)
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False)  # already identical on every rank
+        if self._trainer is not None and self.trainer.is_global_zero and self.trainer.loggers:
+            log_figure(self.trainer.loggers, result.figure(title=type(self).__name__), "path", self.global_step)
+
+
+@contextlib.contextmanager
+def point_progress(trainer: Any, total: int, desc: str) -> Iterator[Callable[[int], Any] | None]:
+    """A progress bar over evaluated points, on rank zero while the trainer shows progress bars (``None`` else).
+
+    Lightning's own bars are tqdm bars; this one is too, so ``--trainer.enable_progress_bar false`` turns both off.
+    """
+    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="point", dynamic_ncols=True, leave=True, file=sys.stderr)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def log_figure(loggers: Sequence[Any], figure: Any, tag: str, step: int = 0) -> list[str]:
+    """Send a matplotlib figure, as an RGB image, to every logger that takes images (TensorBoard, W&B).
+
+    Returns:
+        The class names of the loggers that received it (CSV loggers take no images: ``path.png`` is on disk).
+    """
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    sent = []
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        elif kind == "WandbLogger":
+            logger.log_image(key=tag, images=[image], step=step)
+        else:
+            continue
+        sent.append(kind)
+    return sent
 
 
 def summary_metrics(result: PathResult, prefix: str = "barrier") -> dict[str, float]:

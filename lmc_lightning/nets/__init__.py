@@ -14,6 +14,7 @@ from lmc_lightning.nets import (  # noqa: F401  (registers the built-in nets)
     myrtle,
     preresnet,
     resnet,
+    seeds,
     vgg,
     vgg_garipov,
     vit,

@@ -9,9 +9,9 @@ first endpoint.
 Control-point order (the order of :meth:`Path.coefficients` columns and of ``init``):
 
 * curves: ``[theta_a, bend_1, ..., bend_n, theta_b]``; ``init`` lists the bends ``bend_1..bend_n``;
-* :class:`BezierSurface`: an ``(n + 2) x (n + 2)`` grid ``P[i][j]`` (``i`` along ``u``, ``j`` along ``v``) stored
-  row-major (index ``i * (n + 2) + j``); corners ``[(0, 0), (1, 0), (0, 1), (1, 1)]`` in ``(u, v)``; ``init`` lists
-  the non-corner grid points in row-major order.
+* :class:`BezierSurface`: an ``(n + 2) x (n + 2)`` grid ``P[i][j]`` (``n = num_bends = degree - 1``; ``i`` along
+  ``u``, ``j`` along ``v``) stored row-major (index ``i * (n + 2) + j``); corners ``[(0, 0), (1, 0), (0, 1), (1, 1)]``
+  in ``(u, v)``; ``init`` lists the non-corner grid points in row-major order.
 """
 
 from __future__ import annotations
@@ -27,6 +27,41 @@ from lmc_lightning.weights.paths import Path, WeightDict, _slot, check_compatibl
 
 CORNERS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
 """``(u, v)`` position of each corner mode of a :class:`BezierSurface`, in the order the corners are given."""
+
+CORNER_ORDERS: dict[str, tuple[tuple[int, int], ...]] = {
+    "uv": CORNERS,
+    "mcsurface": ((0, 0), (0, 1), (1, 0), (1, 1)),
+}
+"""``(u, v)`` positions of the four corners for each ``corner_order`` of :class:`BezierSurface`: ours (``"uv"``,
+``u`` varies first) and MCSurface's (checkpoint 1 at ``(0, 1)``, checkpoint 2 at ``(1, 0)``)."""
+
+
+def surface_degree(num_bends: int | None = None, degree: int | None = None) -> int:
+    """Number of free control points per edge of a Bezier surface from either of its two descriptions.
+
+    ``num_bends`` counts the free control points between two corners along an edge (control grid
+    ``(num_bends + 2)^2``, polynomial degree ``num_bends + 1``); ``degree`` is the polynomial degree ``n`` of
+    MCSurface's ``num_bends: n`` (control grid ``(n + 1)^2``). ``degree = num_bends + 1``.
+
+    Args:
+        num_bends: Free points per edge (default 1 when ``degree`` is not given either).
+        degree: Bezier degree (>= 1), MCSurface's meaning of ``num_bends``.
+
+    Returns:
+        ``num_bends``.
+
+    Raises:
+        ValueError: A value out of range, or both given and inconsistent.
+    """
+    if degree is None:
+        return _check_bends(1 if num_bends is None else num_bends)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be an integer >= 1 (the Bezier degree, MCSurface's num_bends), "
+                         f"got {degree!r}.")
+    if num_bends is not None and num_bends != degree - 1:
+        raise ValueError(f"degree={degree} means num_bends={degree - 1} free points per edge, but "
+                         f"num_bends={num_bends} was also given; pass only one of them.")
+    return degree - 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -429,14 +464,23 @@ class BezierSurface(ControlPath):
     """Tensor-product Bezier surface spanned by four corner modes (MCSurface).
 
     ``theta(u, v) = sum_{i,j} B_{i,n+1}(u) B_{j,n+1}(v) P_ij`` over an ``(n + 2) x (n + 2)`` control grid whose corners
-    are the fixed modes, in the order of :data:`CORNERS`: ``[(0, 0), (1, 0), (0, 1), (1, 1)]``. Its edges are Bezier
-    curves between adjacent corners (see :meth:`edge`).
+    are the fixed modes. Its edges are Bezier curves between adjacent corners (see :meth:`edge`).
+
+    Size: ``num_bends`` counts free points per edge (grid ``num_bends + 2``); ``degree`` is MCSurface's
+    ``num_bends: n``, the polynomial degree (grid ``n + 1``). MCSurface's ``n = 2`` (a 3x3 grid, 5 free points) is
+    ``degree=2`` = ``num_bends=1``. Pass one of them (see :func:`surface_degree`).
+
+    Corner order: ``corner_order="uv"`` places the corners at ``(0, 0), (1, 0), (0, 1), (1, 1)``;
+    ``"mcsurface"`` at ``(0, 0), (0, 1), (1, 0), (1, 1)`` as MCSurface's ``checkpoint_paths`` (the same four modes
+    give the transposed surface). Internally the fixed points are stored in the ``"uv"`` order.
 
     Args:
-        corners: Four weight dicts, at ``(u, v) = (0, 0), (1, 0), (0, 1), (1, 1)`` (frozen).
-        num_bends: Free grid points per edge between two corners (grid side ``num_bends + 2``).
+        corners: Four weight dicts (frozen), at the positions of ``corner_order``.
+        num_bends: Free grid points per edge between two corners (grid side ``num_bends + 2``); default 1.
         init: Weight dicts for the ``(n + 2)^2 - 4`` non-corner grid points in row-major order; default: the bilinear
             interpolation of the corners at ``(i / (n + 1), j / (n + 1))``, where the surface equals the bilinear patch.
+        degree: Bezier degree (MCSurface's ``num_bends``); alternative to ``num_bends``.
+        corner_order: ``"uv"`` or ``"mcsurface"`` (see above).
     """
 
     dim = 2
@@ -444,11 +488,19 @@ class BezierSurface(ControlPath):
     def __init__(
         self,
         corners: Sequence[Mapping[str, Tensor]],
-        num_bends: int = 1,
+        num_bends: int | None = None,
         init: Sequence[Mapping[str, Tensor]] | None = None,
+        degree: int | None = None,
+        corner_order: str = "uv",
     ) -> None:
-        corners = _check_count(corners, 4, f"{type(self).__name__} corners (order (u, v) = {list(CORNERS)})")
-        self.num_bends = _check_bends(num_bends)
+        if corner_order not in CORNER_ORDERS:
+            raise ValueError(f"corner_order must be one of {sorted(CORNER_ORDERS)}, got {corner_order!r}.")
+        order = CORNER_ORDERS[corner_order]
+        corners = _check_count(corners, 4, f"{type(self).__name__} corners (order (u, v) = {list(order)})")
+        corners = [corners[order.index(pos)] for pos in CORNERS]  # stored in the "uv" order
+        self.corner_order = corner_order
+        num_bends = surface_degree(num_bends, degree)
+        self.num_bends = num_bends
         m = num_bends + 2
         corner_index = [i * (m - 1) * m + j * (m - 1) for i, j in CORNERS]
         free_index = [k for k in range(m * m) if k not in corner_index]
@@ -457,6 +509,11 @@ class BezierSurface(ControlPath):
         grid = [divmod(k, m) for k in free_index]
         # Per free point: whether it lies on the boundary of the control grid (a bend of an edge curve).
         self.on_edge: list[bool] = [i in (0, m - 1) or j in (0, m - 1) for i, j in grid]
+
+    @property
+    def degree(self) -> int:
+        """Bezier degree ``num_bends + 1`` (MCSurface's ``num_bends``)."""
+        return self.num_bends + 1
 
     @staticmethod
     def _bilinear(uv: Tensor) -> Tensor:

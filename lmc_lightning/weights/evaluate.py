@@ -29,7 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -306,7 +306,7 @@ def _batch_statistics_bn(net: nn.Module):
 
 
 def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaults, model=None, merge=1,
-              options=None) -> None:
+              options=None, progress=None) -> None:
     """One point after another: weights copied into ``work``; ``model`` (default ``work``) runs the forward passes,
     e.g. the BN-fused trace of ``work`` (:func:`~lmc_lightning.weights.fused.fuse_norms`, which shares its tensors).
     BN reset forwards up to ``merge`` statistics batches at once (:func:`~lmc_lightning.weights.renorm.reset_bn`)."""
@@ -327,6 +327,8 @@ def _run_loop(work, points, coords, ev, stats, bn, sites, endpoint_stats, defaul
             _load(state, repaired)
         for s, x, y in ev.batches:
             ev.add(model(x), y, s, i)
+        if progress is not None:
+            progress(1)
 
 
 def _renorm_kwargs(options: renorm.RenormOptions | None) -> dict[str, Any]:
@@ -336,7 +338,8 @@ def _renorm_kwargs(options: renorm.RenormOptions | None) -> dict[str, Any]:
             "statistics": options.statistics}
 
 
-def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size, options=None) -> None:
+def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_size, options=None,
+              progress=None) -> None:
     batched = vmap(lambda w, x: functional_call(work, w, (x,)), in_dims=(0, None))
     device = ev.loss.device
     for start in range(0, len(coords), chunk_size):
@@ -350,6 +353,8 @@ def _run_vmap(work, points, coords, ev, stats, bn, sites, endpoint_stats, chunk_
                                    **_renorm_kwargs(options))
         for s, x, y in ev.batches:
             ev.add(batched(w, x), y, s, slice(start, stop))
+        if progress is not None:
+            progress(stop - start)
 
 
 def _aligned_path(path: Path, net: nn.Module, method: str, data: Any, samples: int, device: torch.device) -> Path:
@@ -390,6 +395,7 @@ def evaluate_path(
     align_samples: int = 5000,
     fuse_norms: bool | None = None,
     renorm_options: renorm.RenormOptions | Mapping[str, Any] | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> PathResult:
     """Loss and accuracy of ``net`` with the weights of ``path`` at many points.
 
@@ -436,6 +442,8 @@ def evaluate_path(
             add after it as one pass (:func:`lmc_lightning.weights.fused.fuse_norms`; Triton kernels on CUDA,
             float64 torch ops elsewhere). Default (None): on for channels_last bf16 runs on CUDA with Triton
             (:func:`lmc_lightning.weights.fused.supported`).
+        progress: Called with the number of points just evaluated (e.g. ``tqdm.update``), after each point (loop)
+            or chunk (vmap); on CUDA the work may still be queued when it is called.
         renorm_options: Site rule and variants of re-normalisation (:class:`~lmc_lightning.weights.renorm.
             RenormOptions` or a mapping of its fields: ``sites``, ``average``, ``factor``, ``sequential``,
             ``statistics``).
@@ -450,6 +458,10 @@ def evaluate_path(
         ValueError: Non-finite endpoint weights (naming the endpoint and tensor), or data the net cannot run on
             (naming the input shape).
     """
+    if torch.is_inference_mode_enabled():  # e.g. Lightning's test loop: the evaluator updates its copies in place
+        arguments = dict(locals())
+        with torch.inference_mode(False):
+            return evaluate_path(**arguments)
     start_time = time.perf_counter()
     if bn == "auto":  # BN reset where there is BatchNorm, nothing to recompute elsewhere
         bn = "reset" if renorm.batchnorms(net) else None
@@ -549,9 +561,11 @@ def evaluate_path(
         rel = pts / end_time  # REPAIR / RESCALE interpolate the endpoints' statistics on [0, 1]
         if chosen == "loop":
             merge = max(1, batch_size // bn_batch_size) if model is not None else 1
-            _run_loop(work, points, rel, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options)
+            _run_loop(work, points, rel, ev, stats, bn, sites, endpoint_stats, defaults, model, merge, options,
+                      progress)
         else:
-            _run_vmap(work, points, rel, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options)
+            _run_vmap(work, points, rel, ev, stats, bn, sites, endpoint_stats, chunk_size or len(pts), options,
+                      progress)
     n = torch.tensor([len(y) for _, y in sets.values()], dtype=torch.float64)
     loss, acc = (ev.loss.cpu() / n[:, None]).numpy(), (ev.correct.cpu().double() / n[:, None]).numpy()
     top5 = (ev.correct5.cpu().double() / n[:, None]).numpy()

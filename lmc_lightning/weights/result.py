@@ -276,6 +276,10 @@ class PathResult:
                                  repr(float(lo)), repr(float(acc))])
         return atomic_write_text(path, buf.getvalue())
 
+    def figure(self, title: str | None = None) -> Any:
+        """The matplotlib figure of :meth:`plot` (loss and accuracy along ``t``, or heat maps over ``(u, v)``)."""
+        return plot_result(self, title=title)
+
     def plot(self, path: str | os.PathLike, title: str | None = None) -> FilePath:
         """Save loss and accuracy along ``t`` (curves) or heat maps over ``(u, v)`` (surfaces), atomically."""
         return save_figure(plot_result(self, title=title), path)

@@ -21,7 +21,7 @@ from lmc_lightning.weights.curves import Bezier, BezierSurface, MidpointQuadrati
 from lmc_lightning.weights.paths import Linear
 
 COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false"]
+          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]  # fp32 numbers on GPU machines too
 NO_DECAY = OptimConfig(lr=0.1, weight_decay=0.0, scheduler="constant")
 
 

@@ -78,8 +78,9 @@ def test_lmc_test_writes_path_files(endpoints: list[Path], fake_fmnist_root: Pat
     line = torch.linspace(0, 1, 5, dtype=torch.float64) * (loss[-1] - loss[0]) + loss[0]
     assert metrics["barrier/loss"] == pytest.approx((loss - line).max().item(), abs=1e-6)
     assert metrics["barrier/loss"] == pytest.approx(saved["loss_barrier"], abs=1e-6)
-    assert metrics["path/loss_t=0.50"] == pytest.approx(saved["loss"][2], abs=1e-6)
-    assert {"barrier/accuracy", "barrier/loss_mean", "barrier/accuracy_mean", "path/acc_t=1.00"} <= set(metrics)
+    assert metrics["endpoint/loss_t=1.00"] == pytest.approx(saved["loss"][-1], abs=1e-6)
+    assert {"barrier/accuracy", "barrier/loss_mean", "barrier/accuracy_mean", "endpoint/acc_t=0.00"} <= set(metrics)
+    assert not any(k.startswith("path/") for k in metrics)  # per-point values live in path.csv/json, not in metrics
 
 
 def test_checkpoint_restores_path_without_endpoint_files(endpoints: list[Path], fake_fmnist_root: Path,

@@ -134,7 +134,7 @@ def test_zoo_barrier_between_member_pairs(fake_fmnist_root: Path, tmp_path: Path
     data.setup()
     a, b = zoo.member(0).eval(), zoo.member(1).eval()
     result = evaluate_path(Linear(a.state_dict(), b.state_dict()), a,
-                           seeded_subset(data.split_tensors("test"), 10_000, seed=0), num_points=5)
+                           seeded_subset(data.split_tensors("test"), 10_000, seed=0), num_points=5, device="cpu")
     assert h["barrier/loss_00_01"] == pytest.approx(float(result.loss_barrier), abs=1e-5)
     with pytest.raises(ValueError, match="needs a zoo"):
         _fit(EndpointModule(**MLP_NET), fake_fmnist_root, tmp_path / "one", epochs=1,
@@ -185,3 +185,21 @@ def test_stacked_nets_member_roundtrip() -> None:
         assert _max_diff(zoo.member(k).state_dict(), net.state_dict()) == 0.0
     with pytest.raises(ValueError, match="one batch per member"):
         zoo(x)
+
+
+@pytest.mark.cpu_ddp
+def test_zoo_under_two_process_ddp_splits_the_data(fake_fmnist_root: Path, tmp_path: Path) -> None:
+    """Every rank holds all members and half of each member's batch: 2 ranks x 16 equal one process x 32."""
+    strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
+    ddp = EndpointModule(**MLP_NET, optim=OPTIM, seed=0, num_models=2)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", devices=2,
+                         strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path / "ddp")
+    trainer.fit(ddp, datamodule=FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=16, seed=0,
+                                                       device_resident=True))
+    ckpt = tmp_path / "ddp" / "zoo"
+    one = EndpointModule(**MLP_NET, optim=OPTIM, seed=0, num_models=2)
+    _fit(one, fake_fmnist_root, tmp_path / "one", batch_size=32)
+    for k in range(2):  # the per-member files rank 0 wrote (the forked ranks' modules are not this process's)
+        assert _max_diff(load_net(ckpt / f"model_{k:02d}" / "last.ckpt").state_dict(),
+                         one.member(k).state_dict()) <= 1e-6

@@ -149,3 +149,16 @@ def test_result_and_plots_do_not_import_each_other() -> None:
     imported |= {a.name for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Import)
                  for a in n.names}
     assert not any(m and m.startswith("lmc_lightning.weights") for m in imported), imported
+
+
+def test_evaluate_path_under_inference_mode_equals_outside() -> None:
+    """Lightning's test loop runs in inference mode; the evaluator (fused BN included) must give the same numbers."""
+    torch.manual_seed(0)
+    a, b = (get_net("vgg11_bn", num_classes=5, in_channels=1, input_size=8, width=0.0625) for _ in range(2))
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 5, (64,))
+    kw = dict(num_points=3, bn="reset", train_data=x, bn_batches=2, bn_batch_size=16, device="cpu", fuse_norms=True,
+              strategy="loop")
+    outside = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, (x, y), **kw)
+    with torch.inference_mode():
+        inside = evaluate_path(Linear(a.state_dict(), b.state_dict()), a, (x, y), **kw)
+    np.testing.assert_array_equal(inside.loss, outside.loss)
