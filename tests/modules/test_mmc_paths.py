@@ -53,8 +53,7 @@ def test_qmc_starts_from_a_random_net_and_takes_mmcs_step(ends, fake_fmnist_root
                         optim=OptimConfig(lr=lr, momentum=0.9, weight_decay=wd, scheduler="constant"))
     torch.manual_seed(5)
     model.setup("fit")
-    torch.manual_seed(5)
-    _ = _net(5)  # the template net consumes the same draws
+    torch.manual_seed(5)  # the path module builds its template net without drawing from the run's generator
     fresh = get_net(**{k: v for k, v in SPEC.items() if k != "name"}, name="mlp").state_dict()
     control = model.path.control_points("hidden.0.weight")[1].detach().clone()
     torch.testing.assert_close(control, fresh["hidden.0.weight"])  # m starts as a fresh random net
