@@ -8,33 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_fixtures import COMMON, fit_mlps, logger_args
 
 from lmc_lightning.checkpoint import load_net
 from lmc_lightning.cli import main
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import ConnectorModule
 
-COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
-
-
-def _logger(out: Path) -> list[str]:
-    return ["--trainer.default_root_dir", str(out), "--trainer.logger.class_path", "CSVLogger",
-            "--trainer.logger.init_args.save_dir", str(out)]
-
 
 @pytest.fixture(scope="module")
 def members(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three one-hidden-layer MLPs with bias (seeds 0, 1, 2), each trained for a few steps through `lmc fit`."""
-    out = tmp_path_factory.mktemp("connect_endpoints")
-    paths = []
-    for seed in (0, 1, 2):
-        main(["fit", "--model", "EndpointModule", "--model.net", "mlp", "--model.net_kwargs",
-              '{"widths": [24], "bias": true}', "--model.seed", str(seed), "--data.seed", str(seed),
-              "--data.root", str(fake_fmnist_root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-              *COMMON, *_logger(out / f"seed{seed}")])
-        paths.append(sorted((out / f"seed{seed}").rglob("*.ckpt"))[0])
-    return paths
+    return fit_mlps(fake_fmnist_root, tmp_path_factory.mktemp("connect_endpoints"), '{"widths": [24], "bias": true}')
 
 
 def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +32,7 @@ def test_lmc_test_connector_writes_the_path(members: list[Path], fake_fmnist_roo
     out = tmp_path / "connect"
     main(["test", "--model", "ConnectorModule", "--model.endpoints", f"[{members[0]},{members[1]}]",
           "--model.finder", "with_bias_wa", "--model.method", "arc", "--model.match", "ot", "--model.num_points", "9",
-          "--data.root", str(fake_fmnist_root), *COMMON, *_logger(out)])
+          "--data.root", str(fake_fmnist_root), *COMMON, *logger_args(out)])
     files = {p.name: p for p in out.rglob("path.*")}
     assert set(files) == {"path.csv", "path.json", "path.png"}
     saved = json.loads(files["path.json"].read_text())

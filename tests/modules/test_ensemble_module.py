@@ -7,33 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_fixtures import COMMON, fit_mlps, logger_args
 
 from lmc_lightning.checkpoint import load_net
 from lmc_lightning.cli import main
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EnsembleModule
 
-COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
-
-
-def _logger(out: Path) -> list[str]:
-    return ["--trainer.default_root_dir", str(out), "--trainer.logger.class_path", "CSVLogger",
-            "--trainer.logger.init_args.save_dir", str(out)]
-
 
 @pytest.fixture(scope="module")
 def members(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three one-hidden-layer MLPs with bias (seeds 0, 1, 2), each trained for a few steps through `lmc fit`."""
-    out = tmp_path_factory.mktemp("connect_endpoints")
-    paths = []
-    for seed in (0, 1, 2):
-        main(["fit", "--model", "EndpointModule", "--model.net", "mlp", "--model.net_kwargs",
-              '{"widths": [24], "bias": true}', "--model.seed", str(seed), "--data.seed", str(seed),
-              "--data.root", str(fake_fmnist_root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-              *COMMON, *_logger(out / f"seed{seed}")])
-        paths.append(sorted((out / f"seed{seed}").rglob("*.ckpt"))[0])
-    return paths
+    return fit_mlps(fake_fmnist_root, tmp_path_factory.mktemp("connect_endpoints"), '{"widths": [24], "bias": true}')
 
 
 def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +30,7 @@ def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def test_lmc_test_ensemble_and_wa(members: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ensemble"
     cli = main(["test", "--model", "EnsembleModule", "--model.members", f"[{members[0]},{members[1]},{members[2]}]",
-                "--model.wa_layer", "classifier", "--data.root", str(fake_fmnist_root), *COMMON, *_logger(out)])
+                "--model.wa_layer", "classifier", "--data.root", str(fake_fmnist_root), *COMMON, *logger_args(out)])
     saved = json.loads(next(out.rglob("ensemble.json")).read_text())
     assert set(saved) == {"plain", "wa"} and saved["plain"]["members"] == 3
     x, y = _split(fake_fmnist_root, "test")

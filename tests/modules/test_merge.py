@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_fixtures import fit_mlps, logger_args
 
 from lmc_lightning.checkpoint import load_net
 from lmc_lightning.cli import main
@@ -17,34 +18,19 @@ from lmc_lightning.weights.permutation import align_many
 from lmc_lightning.weights.simplex import average
 
 CONFIG = Path(__file__).parents[2] / "configs" / "merge" / "fmnist_mlp.yaml"
-COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
-
-
-def _logger(out: Path) -> list[str]:
-    return ["--trainer.default_root_dir", str(out), "--trainer.logger.class_path", "CSVLogger",
-            "--trainer.logger.init_args.save_dir", str(out)]
 
 
 @pytest.fixture(scope="module")
 def endpoints(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three tiny MLP endpoints (seeds 0, 1, 2), each trained for a few steps through `lmc fit`."""
-    out = tmp_path_factory.mktemp("endpoints")
-    paths = []
-    for seed in (0, 1, 2):
-        main(["fit", "--model", "EndpointModule", "--model.net", "mlp", "--model.net_kwargs",
-              '{"depth": 2, "width": 12}', "--model.seed", str(seed), "--data.seed", str(seed),
-              "--data.root", str(fake_fmnist_root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-              *COMMON, *_logger(out / f"seed{seed}")])
-        paths.append(sorted((out / f"seed{seed}").rglob("*.ckpt"))[0])
-    return paths
+    return fit_mlps(fake_fmnist_root, tmp_path_factory.mktemp("endpoints"), '{"depth": 2, "width": 12}')
 
 
 def test_lmc_test_merges_three_endpoints(endpoints: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "merge"
     cli = main(["test", "--config", str(CONFIG), "--model.endpoints", f"[{','.join(map(str, endpoints))}]",
                 "--model.align", "weight", "--model.order", "iterative", "--model.num_points", "4",
-                "--data.root", str(fake_fmnist_root), "--trainer.accelerator", "cpu", *_logger(out)])
+                "--data.root", str(fake_fmnist_root), "--trainer.accelerator", "cpu", *logger_args(out)])
     files = {p.name: p for p in out.rglob("*") if p.is_file()}
     assert {"merged.ckpt", "merge.json", "path.csv", "path.json", "path.png"} <= set(files)
     assert files["path.png"].stat().st_size > 1000
