@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, evaluate_on_ranks
-from lmc_lightning.weights.connect import FINDERS, connector_path, layer_chain
+from lmc_lightning.weights.connect import check_options, connector_path, layer_chain
 from lmc_lightning.weights.data import seeded_subset
 from lmc_lightning.weights.paths import NonlinearPath, Path
 from lmc_lightning.weights.result import PathResult
@@ -91,12 +91,7 @@ class ConnectorModule(PathModule):
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        if finder not in FINDERS:
-            raise ValueError(f"finder must be one of {FINDERS}, got {finder!r}.")
-        if method not in ("lin", "arc"):
-            raise ValueError(f"method must be 'lin' or 'arc', got {method!r}.")
-        if match not in ("none", "ot"):
-            raise ValueError(f"match must be 'none' or 'ot', got {match!r}.")
+        check_options(finder, method, match)
         if solver not in ("lstsq", "pinv"):
             raise ValueError(f"solver must be 'lstsq' or 'pinv', got {solver!r}.")
         if (wa_samples is not None and wa_samples < 1) or feature_batch_size < 1:

@@ -472,6 +472,16 @@ def _ot_chain(theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor], chai
     return b
 
 
+def check_options(finder: str, method: str, match: str) -> None:
+    """Raise a ``ValueError`` naming the bad option unless ``finder``, ``method`` and ``match`` are known."""
+    if finder not in FINDERS:
+        raise ValueError(f"finder must be one of {FINDERS}, got {finder!r}.")
+    if method not in ("lin", "arc"):
+        raise ValueError(f"method must be 'lin' or 'arc', got {method!r}.")
+    if match not in ("none", "ot"):
+        raise ValueError(f"match must be 'none' or 'ot', got {match!r}.")
+
+
 def connector_path(
     net: nn.Module,
     theta_a: Mapping[str, Tensor],
@@ -502,12 +512,7 @@ def connector_path(
         :class:`~lmc_lightning.weights.paths.Arc` paths (linear in their control points, so the evaluator batches
         them); the others are :class:`StepwisePath` (a :class:`~lmc_lightning.weights.paths.NonlinearPath`).
     """
-    if finder not in FINDERS:
-        raise ValueError(f"finder must be one of {FINDERS}, got {finder!r}.")
-    if method not in ("lin", "arc"):
-        raise ValueError(f"method must be 'lin' or 'arc', got {method!r}.")
-    if match not in ("none", "ot"):
-        raise ValueError(f"match must be 'none' or 'ot', got {match!r}.")
+    check_options(finder, method, match)
     check_compatible(theta_a, theta_b, names=["theta_a", "theta_b"], devices=True)
     keys = list(net.state_dict())
     theta_a, theta_b = {k: theta_a[k] for k in keys}, {k: theta_b[k] for k in keys}

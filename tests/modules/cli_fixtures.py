@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lmc_lightning.cli import main
+from lmc_lightning.data import FashionMNISTDataModule
 
 COMMON = ["--data", "FashionMNISTDataModule", "--data.batch_size", "64", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
@@ -26,3 +29,10 @@ def fit_mlps(data_root: Path, out: Path, net_kwargs: str, seeds: tuple[int, ...]
               *logger_args(out / f"seed{seed}")])
         paths.append(sorted((out / f"seed{seed}").rglob("*.ckpt"))[0])
     return paths
+
+
+def split_tensors(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake Fashion-MNIST ``split`` (``train``, ``val`` or ``test``) under ``root`` as tensors."""
+    dm = FashionMNISTDataModule(root=str(root))
+    dm.setup("test" if split == "test" else "fit")
+    return dm.split_tensors(split)

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_fixtures import COMMON, fit_mlps, logger_args
+from cli_fixtures import COMMON, fit_mlps, logger_args, split_tensors
 
 from lmc_lightning.checkpoint import load_net
 from lmc_lightning.cli import main
-from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import ConnectorModule
 
 
@@ -20,12 +19,6 @@ from lmc_lightning.modules import ConnectorModule
 def members(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three one-hidden-layer MLPs with bias (seeds 0, 1, 2), each trained for a few steps through `lmc fit`."""
     return fit_mlps(fake_fmnist_root, tmp_path_factory.mktemp("connect_endpoints"), '{"widths": [24], "bias": true}')
-
-
-def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dm = FashionMNISTDataModule(root=str(root))
-    dm.setup("test" if split == "test" else "fit")
-    return dm.split_tensors(split)
 
 
 def test_lmc_test_connector_writes_the_path(members: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
@@ -38,7 +31,7 @@ def test_lmc_test_connector_writes_the_path(members: list[Path], fake_fmnist_roo
     saved = json.loads(files["path.json"].read_text())
     ts = [c[0] for c in saved["coords"]]
     assert ts == pytest.approx([0.25 * i for i in range(9)])  # [0, end_time = 2]
-    x, y = _split(fake_fmnist_root, "test")
+    x, y = split_tensors(fake_fmnist_root, "test")
     with torch.no_grad():
         logits = [load_net(p)(x) for p in members[:2]]
     direct = [F.cross_entropy(lg, y).item() for lg in logits]

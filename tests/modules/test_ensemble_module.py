@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_fixtures import COMMON, fit_mlps, logger_args
+from cli_fixtures import COMMON, fit_mlps, logger_args, split_tensors
 
 from lmc_lightning.checkpoint import load_net
 from lmc_lightning.cli import main
-from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules import EnsembleModule
 
 
@@ -21,19 +20,13 @@ def members(fake_fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return fit_mlps(fake_fmnist_root, tmp_path_factory.mktemp("connect_endpoints"), '{"widths": [24], "bias": true}')
 
 
-def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dm = FashionMNISTDataModule(root=str(root))
-    dm.setup("test" if split == "test" else "fit")
-    return dm.split_tensors(split)
-
-
 def test_lmc_test_ensemble_and_wa(members: list[Path], fake_fmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ensemble"
     cli = main(["test", "--model", "EnsembleModule", "--model.members", f"[{members[0]},{members[1]},{members[2]}]",
                 "--model.wa_layer", "classifier", "--data.root", str(fake_fmnist_root), *COMMON, *logger_args(out)])
     saved = json.loads(next(out.rglob("ensemble.json")).read_text())
     assert set(saved) == {"plain", "wa"} and saved["plain"]["members"] == 3
-    x, y = _split(fake_fmnist_root, "test")
+    x, y = split_tensors(fake_fmnist_root, "test")
     with torch.no_grad():
         probs = torch.stack([load_net(p)(x).softmax(-1) for p in members])
     acc = (probs.mean(0).argmax(-1) == y).double().mean().item()
