@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmc_lightning.nets import get_net
-from lmc_lightning.weights.permutation import derive_spec, weight_matching
+from lmc_lightning.weights.permutation import PermutationSpec, derive_spec, weight_matching
 from lmc_lightning.weights.permutation.solvers import (
     auction,
     dual_prices,
@@ -90,13 +90,17 @@ def test_solver_names_are_checked() -> None:
         resolve_solver("hungarian")
 
 
-def test_lazy_and_streamed_weight_matching_take_the_same_path() -> None:
+def _pair(name: str, **kwargs: float) -> tuple[PermutationSpec, dict, dict]:
+    """Spec and state dicts of two nets ``name`` from seeds 0 and 1."""
     nets = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        nets.append(get_net("vgg11", num_classes=5, in_channels=3, input_size=16, width=0.125))
-    spec = derive_spec(nets[0])
-    a, b = nets[0].state_dict(), nets[1].state_dict()
+        nets.append(get_net(name, num_classes=5, in_channels=3, **kwargs))
+    return derive_spec(nets[0]), nets[0].state_dict(), nets[1].state_dict()
+
+
+def test_lazy_and_streamed_weight_matching_take_the_same_path() -> None:
+    spec, a, b = _pair("vgg11", input_size=16, width=0.125)
     eager = weight_matching(spec, a, b, solver="scipy", lazy=False)
     lazy = weight_matching(spec, a, b, solver="scipy", lazy=True)
     streamed = weight_matching(spec, a, b, solver="auction", lazy=True, stream=True)
@@ -109,12 +113,7 @@ def test_lazy_and_streamed_weight_matching_take_the_same_path() -> None:
 
 @pytest.mark.parametrize("solver", ["scipy", "auction"])
 def test_warm_steps_take_the_exact_path(solver: str) -> None:
-    nets = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        nets.append(get_net("resnet20", num_classes=5, in_channels=3, input_size=8, width=0.5))
-    spec = derive_spec(nets[0])
-    a, b = nets[0].state_dict(), nets[1].state_dict()
+    spec, a, b = _pair("resnet20", input_size=8, width=0.5)
     exact = weight_matching(spec, a, b, solver="scipy", warm=False)
     warm = weight_matching(spec, a, b, solver=solver, warm=True)
     assert warm.rounds == exact.rounds >= 2 and warm.solves == exact.solves
@@ -124,12 +123,7 @@ def test_warm_steps_take_the_exact_path(solver: str) -> None:
 
 
 def test_concurrent_steps_give_the_sequential_result() -> None:
-    nets = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        nets.append(get_net("resnet20", num_classes=5, in_channels=3, input_size=8, width=0.5))
-    spec = derive_spec(nets[0])
-    a, b = nets[0].state_dict(), nets[1].state_dict()
+    spec, a, b = _pair("resnet20", input_size=8, width=0.5)
     one = weight_matching(spec, a, b, solver="scipy", workers=1, seed=3)
     many = weight_matching(spec, a, b, solver="scipy", workers=4, seed=3)
     assert one.rounds == many.rounds >= 2 and one.solves == many.solves
