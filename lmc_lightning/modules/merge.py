@@ -42,8 +42,9 @@ class MergeModule(PathModule):
         merge_weights: Barycentric weights of the merge (one per endpoint, summing to 1); ``None``: uniform.
         save_merged: Where to write the merged network (``None``: ``merged.ckpt`` in the output folder).
         num_points: Points per edge of the simplex grid (``num_points * (num_points + 1) / 2`` points for N = 3).
-        bn: Statistics of the merged model: ``"reset"`` (BN reset), ``"repair"`` / ``"rescale"`` (toward the weighted
-            endpoint statistics, :func:`~lmc_lightning.weights.simplex.renormalize_average`) or ``None``. The
+        bn: Statistics of the merged model: ``"reset"`` (BN reset), ``"repair"`` / ``"rescale"`` / ``"reshift"`` /
+            ``"rescale_centered"`` (toward the weighted endpoint statistics,
+            :func:`~lmc_lightning.weights.simplex.renormalize_average`) or ``None``. The
             simplex grid gets a BN reset for every mode but ``None`` when the net has BatchNorm (REPAIR over a whole
             simplex is not offered), nothing otherwise.
         bn_batches: Batches of training data for the statistics.
