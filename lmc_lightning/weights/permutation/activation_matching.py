@@ -18,6 +18,7 @@ from lmc_lightning.weights.permutation.apply import Permutation
 from lmc_lightning.weights.permutation.batches import Data, capture_module, eval_mode, iter_batches, run_with
 from lmc_lightning.weights.permutation.heads import solve_tied
 from lmc_lightning.weights.permutation.spec import PermutationSpec
+from lmc_lightning.weights.permutation.trace import LeafTracer
 from lmc_lightning.weights.permutation.weight_matching import solve_assignment
 
 
@@ -68,6 +69,21 @@ class CorrelationStats:
         return cov / (sx[:, None] * sy[None, :] + eps)
 
 
+def feature_slice(output: Tensor, point: str) -> Tensor:
+    """The features of activation point ``point`` in its captured ``output``, moved to dim 1: ``name@axis`` has
+    them on ``axis`` (default 1), ``name@axis[start:stop]`` on entries ``start ... stop - 1`` of it (one chunk of a
+    fused projection such as timm's ``qkv``)."""
+    if "@" not in point:
+        return output
+    spec = point.split("@", 1)[1]
+    axis, _, cut = spec.partition("[")
+    output = output.movedim(int(axis), 1)
+    if cut:
+        start, stop = (int(v) for v in cut.rstrip("]").split(":"))
+        output = output.narrow(1, start, stop - start)
+    return output
+
+
 def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Tensor],
                      theta_b: Mapping[str, Tensor], data: Data, batch_size: int = 256,
                      device: str | torch.device | None = None) -> dict[str, list[CorrelationStats]]:
@@ -82,7 +98,7 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                          "spec.activations[group] = [module or node names] or use a spec from derive_spec(net).")
     sizes = spec.sizes(theta_a)
     points = sorted({p for g in spec.groups for p in spec.activations[g]})
-    gm = capture_module(net, points)
+    gm = capture_module(net, points, LeafTracer())
     device = torch.device(device) if device is not None else next(iter(theta_a.values())).device
     stats = {p: None for p in points}
     unit = {p: sizes[g] for g in spec.groups for p in spec.activations[g]}
@@ -93,8 +109,8 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                 n = unit[p]
                 if stats[p] is None:
                     stats[p] = CorrelationStats(n, device)
-                axis = int(p.split("@")[1]) if "@" in p else 1
-                stats[p].update(as_samples(fa.movedim(axis, 1), n), as_samples(fb.movedim(axis, 1), n))
+                fa, fb = (feature_slice(f, p) for f in (fa, fb))
+                stats[p].update(as_samples(fa, n), as_samples(fb, n))
     if any(s is None for s in stats.values()):
         raise ValueError("data yielded no batches.")
     for s in stats.values():
