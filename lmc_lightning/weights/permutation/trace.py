@@ -14,9 +14,11 @@ transformer one group; parameters used directly (a class token, position embeddi
 they are added to or concatenated with; ``nn.Embedding`` opens a space; ``torch.cat`` along the feature axis gives
 each part its own segment of the reading layer's input axis; splitting the feature axis into heads
 (``view(B, T, H, d)``) and ``F.scaled_dot_product_attention`` tie query and key into one group and value/output
-into another, both with ``H`` heads moved by one shared head permutation; a grouped conv ties its input's and its
-output's channel groups as heads (the input kept in order within each group); a depthwise conv passes its space
-through. Anything else raises :class:`SpecDerivationError` naming the node.
+into another, both with ``H`` heads moved by one shared head permutation (a fused projection split as
+``reshape(B, T, 3, H, d)``, timm's ``qkv``, becomes three row segments of one weight, unbound into query, key and
+value); a grouped conv ties its input's and its output's channel groups as heads (the input kept in order within
+each group); a depthwise conv passes its space through. Anything else raises :class:`SpecDerivationError` naming
+the node.
 """
 
 from __future__ import annotations
