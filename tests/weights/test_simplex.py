@@ -91,3 +91,22 @@ def test_repair_of_an_average_reaches_the_weighted_endpoint_statistics() -> None
     assert torch.allclose(got[name][0], goal_mean, atol=1e-4) and torch.allclose(got[name][1], goal_std, atol=1e-3)
     before = site_statistics(three[0], [x], merged, sites=sites)
     assert (before[name][1] - goal_std).abs().mean() > 10 * (got[name][1] - goal_std).abs().mean()
+
+
+def test_reshift_of_an_average_moves_every_mean_to_the_weighted_goal_and_keeps_the_first_std() -> None:
+    three = nets(3, width=16)
+    thetas = [n.state_dict() for n in three]
+    w = [0.2, 0.2, 0.6]
+    merged = average(thetas, w)
+    x = torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    shifted = renormalize_average(three[0], thetas, merged, [x], "reshift", w)
+    sites = find_sites(three[0], x[:2], merged)
+    stats = [site_statistics(three[0], [x], t, sites=sites) for t in thetas]
+    before, got = (site_statistics(three[0], [x], th, sites=sites) for th in (merged, shifted))
+    for site in sites:
+        goal_mean = sum(wi * s[site.name][0] for wi, s in zip(w, stats, strict=True))
+        assert torch.allclose(got[site.name][0], goal_mean, atol=1e-4)
+    first = sites[0].name
+    assert torch.allclose(got[first][1], before[first][1], rtol=1e-4)
+    with pytest.raises(ValueError, match="mode must be 'reset' or one of"):
+        renormalize_average(three[0], thetas, merged, [x], "center", w)
