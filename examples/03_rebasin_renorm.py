@@ -186,6 +186,7 @@ ax.set_xlabel("sparsity")
 ax.set_ylabel("test accuracy (%)")
 ax.set_title("one-shot global magnitude pruning")
 ax.legend(fontsize=7)
+fig.savefig(f"{OUT}/prune.png", dpi=100)
 
 # %%
 save()

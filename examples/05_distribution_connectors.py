@@ -144,3 +144,4 @@ plt.savefig(OUT / "ensembles.png", dpi=100)
 
 OUT.mkdir(parents=True, exist_ok=True)
 (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+print(f"wrote {OUT / 'results.json'}")
