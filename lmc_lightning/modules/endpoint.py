@@ -35,6 +35,8 @@ def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net
         return get_net(net, num_classes=num_classes, in_channels=input_shape[0], input_size=input_shape[1], **kwargs)
 
 
+_BOOKKEEPING = frozenset({"_current_fx_name", "_current_dataloader_idx"})
+
 UPDATE_HOOKS = ("backward", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
 """Hooks that Lightning calls around a manual update: when neither the module nor a callback overrides them, the
 update runs without Lightning's layers (:func:`direct_update_ok`)."""
@@ -165,6 +167,14 @@ class EndpointModule(LMCModule):
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Lightning's per-hook bookkeeping attributes (set twice per hook call, about 30 times a step) skip
+        ``nn.Module.__setattr__``'s parameter/module/buffer checks: they are never any of those."""
+        if name in _BOOKKEEPING:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def is_zoo(self) -> bool:

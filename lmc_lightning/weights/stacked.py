@@ -32,6 +32,9 @@ class StackedNets(nn.Module):
         nets: The members' initial networks (same architecture); their tensors are copied.
     """
 
+    fast_chain: bool = True
+    """Class setting: False runs Linear/ReLU chains through ``vmap`` as well (for comparisons)."""
+
     def __init__(self, nets: Sequence[nn.Module]) -> None:
         super().__init__()
         if len(nets) < 1:
@@ -70,7 +73,7 @@ class StackedNets(nn.Module):
         if not shared and x.shape[0] != self.num_models:
             raise ValueError(f"expected one batch per member, [{self.num_models}, B, ...]; got {tuple(x.shape)}. "
                              "Pass shared=True to feed one batch to every member.")
-        if self._chain is not None:
+        if self._chain is not None and self.fast_chain:
             return self._chain_forward(x, shared)
         params, buffers = self._tensors()
 
