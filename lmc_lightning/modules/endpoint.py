@@ -74,8 +74,9 @@ class EndpointModule(LMCModule):
     ``--model.seed {seed+k} --data.seed {data.seed+k}`` (when the data seed only orders the data: no ``val_split``,
     ``subset_mode="first"``). All members train together: ``self.net`` is a
     :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights through ``torch.func.vmap``, or
-    broadcast matrix products for Flatten/Linear/ReLU chains such as ``mlp``; BatchNorm statistics per member), the loss is the sum of the members' mean losses and one element-wise optimiser steps
-    them all (exactly as one optimiser per member; do not clip gradients by global norm). Logged metrics are the
+    broadcast matrix products for Flatten/Linear/ReLU chains such as ``mlp``; BatchNorm statistics per member),
+    the loss is the sum of the members' mean losses and one element-wise optimiser steps them all (exactly as one
+    optimiser per member; do not clip gradients by global norm). Logged metrics are the
     mean over members plus each member's under a ``_kk`` suffix (``val/acc_03``). Under DDP every rank holds all
     members and a share of each member's data (data split across ranks). Checkpoints: the Lightning checkpoint
     holds the stacked weights (``load_net(ckpt, index=k)``); at the end of every training epoch each member is also
