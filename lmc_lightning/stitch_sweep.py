@@ -119,7 +119,8 @@ def stitch_sweep(endpoints: Sequence[str], datamodule: pl.LightningDataModule,
             epoch, its test split once at the end (the reported penalty).
         layers: Layer types (``identity`` is not trained; ``birkhoff_cv``: :func:`crossval_stitch`).
         points: Stitch points; None: all of net A's.
-        epochs: Training epochs per stitch (the seed: 20, of which ``warmup_epochs`` without scalars for Birkhoff).
+        epochs: Training epochs per stitch (the seed: 20, of which ``warmup_epochs`` without scalars for Birkhoff);
+            the rows hold the epochs and ``steps`` actually run (fewer when ``trainer_kwargs`` set ``max_time``).
         output_dir: Folder of ``stitch_sweep.csv`` and ``stitch_sweep.png``.
         seed: Seed of each run (stitch initialisation, data order).
         trainer_kwargs: Extra ``pl.Trainer`` arguments.
@@ -152,7 +153,8 @@ def stitch_sweep(endpoints: Sequence[str], datamodule: pl.LightningDataModule,
                     trainer.fit(model, datamodule=datamodule)
                 history = list(model.history)
                 trainer.test(model, datamodule=datamodule, verbose=False)
-                row = _row(model, point, layer, 0 if layer == "identity" else epochs, history)
+                row = {**_row(model, point, layer, 0 if layer == "identity" else trainer.current_epoch, history),
+                       "steps": trainer.global_step}
             rows.append(row)
             print(f"stitch_sweep: point {point} layer {layer}: penalty {row['penalty']:.4f} "
                   f"(stitched {row['accuracy']:.4f})", flush=True)
