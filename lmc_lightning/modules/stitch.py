@@ -189,7 +189,10 @@ class StitchModule(LMCModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
-        """Birkhoff: scalars off during the warm-up epochs, on afterwards."""
+        """The whole stitched net in train mode (the seed's ``model.train()``: the frozen nets' BN layers use batch
+        statistics and update their running statistics; the endpoints load in eval mode and Lightning keeps module
+        modes); Birkhoff: scalars off during the warm-up epochs, on afterwards."""
+        self.stitched.train()
         if hasattr(self.stitcher, "scalars_on") and self.kind == "birkhoff":
             self.stitcher.scalars_on = self.current_epoch >= self.warmup_epochs
 

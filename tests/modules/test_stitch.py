@@ -50,6 +50,9 @@ def test_birkhoff_stitch_fit_logs_the_seed_metrics(fake_fmnist_root: Path, tmp_p
     # only the stitcher moved: the endpoints' weights are those of the checkpoints
     ref = torch.load(endpoints[1], weights_only=True)["state_dict"]
     torch.testing.assert_close(model.stitched.b.get_submodule("7").weight.cpu(), ref["net.7.weight"])
+    # ... but B's BN layers ran in train mode during training (the seed): running statistics moved from the checkpoint
+    moved = (model.stitched.b.get_submodule("8").running_mean.cpu() - ref["net.8.running_mean"]).abs().max()
+    assert moved > 1e-3, float(moved)
 
 
 def test_identity_stitch_of_a_net_with_itself_has_zero_penalty(fake_fmnist_root: Path, tmp_path: Path,
