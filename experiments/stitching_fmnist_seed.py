@@ -131,7 +131,7 @@ def run_stitch(args: argparse.Namespace) -> None:
     rows = stitch_sweep(_endpoints(args.out), _data(args, test_as_val=True), [args.layer], [args.point],
                         epochs=args.epochs, output_dir=folder, trainer_kwargs=kwargs, rank=1, alpha=args.alpha,
                         warmup_epochs=args.warmup, bn_batches=args.bn_batches)
-    row = {**rows[0], "warmup": fit.warmup if fit and args.layer == "birkhoff" else args.warmup}
+    row = {**rows[0], "warmup": None if args.layer != "birkhoff" else fit.warmup if fit else args.warmup}
     (args.out / "runs" / f"{args.point}_{args.layer}.json").write_text(json.dumps(row, default=float))
 
 
@@ -198,7 +198,7 @@ def run_all(args: argparse.Namespace) -> None:
     commands = [(f"{p}_{layer}", _child(args, "stitch", "--point", p, "--layer", layer))
                 for layer in order for p in args.points]
     commands.insert(len(args.points), ("similarity", _child(args, "similarity")))
-    timeout = args.deadline - time.time() + 30 if args.deadline else None
+    timeout = args.deadline - time.time() + 5 if args.deadline else None
     codes = _run_children(commands, args.jobs, args.out / "logs", timeout)
     (args.out / "exit_codes.json").write_text(json.dumps(codes))
     collect(args)

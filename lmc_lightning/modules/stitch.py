@@ -161,7 +161,7 @@ class StitchModule(LMCModule):
         layer = make_layer(self.kind, shapes[point][0], **self.layer_options)
         for p in [*net_a.parameters(), *net_b.parameters()]:
             p.requires_grad_(False)
-        self.stitched = stitch(net_a, net_b, point, layer).to(self.device)
+        self.stitched = stitch(net_a, net_b, point, layer).to(self.device).train()  # endpoints load in eval mode
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the stitched net."""
