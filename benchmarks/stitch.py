@@ -131,7 +131,7 @@ def bench_projection(args: argparse.Namespace, device: torch.device) -> None:
                 fast.weight.add_(noise)
             plain_projection(plain)
             fast.project()
-            diff = max(diff, float((plain.weight - fast.weight).abs().max()))
+            diff = max(diff, float((plain.weight - fast.weight).detach().abs().max()))
         rows.append({"channels": channels, **{f"{k}_us": 1e6 * v for k, v in timings.items()}, "max_abs_diff": diff})
         print(f"  C = {channels:>3}: plain {1e6 * timings['plain']:.1f} us, in place {1e6 * timings['eager']:.1f} us, "
               f"default {1e6 * timings['default']:.1f} us ({timings['plain'] / timings['default']:.1f}x faster than "
