@@ -48,7 +48,7 @@ EPOCH_COLUMNS = ("point", "layer", "epoch", "accuracy", "accuracy_soft", "roundi
                  "train_perm_distance", "train_row_max")
 
 
-def _data(args: argparse.Namespace, test_as_val: bool = False):
+def _data(args: argparse.Namespace, test_as_val: bool = False, seed: int = 0):
     from lmc_lightning.data import FashionMNISTDataModule
 
     class TestAsValidation(FashionMNISTDataModule):
@@ -59,7 +59,7 @@ def _data(args: argparse.Namespace, test_as_val: bool = False):
 
     cls = TestAsValidation if test_as_val else FashionMNISTDataModule
     return cls(root=args.data, batch_size=32, eval_batch_size=1000, train_subset=args.subset,
-               device_resident=torch.cuda.is_available(), seed=0)
+               device_resident=torch.cuda.is_available(), seed=seed)
 
 
 def _trainer_kwargs(args: argparse.Namespace) -> dict:
@@ -109,7 +109,7 @@ def run_endpoint(args: argparse.Namespace) -> None:
     trainer = pl.Trainer(max_epochs=args.endpoint_epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
                          **_trainer_kwargs(args))
-    data = _data(args)
+    data = _data(args, seed=args.seed)  # each endpoint its own data order too
     trainer.fit(model, datamodule=data)
     path = _endpoints(args.out)[args.seed]
     save_net(path, model.net.state_dict(), {"name": "mcnn", "num_classes": 10, "in_channels": 1, "input_size": 28,
