@@ -17,17 +17,20 @@
 # the same load as the others.
 
 # %%
+# %matplotlib inline
 import json
 import math
 import os
 import time
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
 import lmc_lightning as lmc
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.modules.prune import evaluate_weights
+from lmc_lightning.plots import plot_bars
 from lmc_lightning.prune import prune
 from lmc_lightning.weights import renorm
 from lmc_lightning.weights.paths import Linear
@@ -239,6 +242,25 @@ for name, modes in (("ours", ["repair", "rescale"]), ("seed", ["repair", "rescal
     results["prune"][name] = rows
     save()
     print("prune", name, [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+
+# %% Midpoint test accuracy of the plain pairs per correction (mean over the pairs), one bar per recipe.
+COLUMNS = {"naive": "naive", "None": "WM", "repair": "WM+REPAIR", "rescale": "WM+RESCALE", "reshift": "WM+RESHIFT",
+           "rescale_centered": "WM+mean-pres. rescale", "homogeneous": "WM+homog. bias",
+           "homogeneous_rescale": "homog.+RESCALE"}
+plot_bars({recipe: [100 * sum(r[c][0] for r in rows) / len(rows) for c in COLUMNS]
+           for recipe, rows in results["plain"].items()}, list(COLUMNS.values()), "midpoint test accuracy (%)",
+          "plain VGG pairs: weight-matched midpoint, per correction")
+
+# %% Pruning: test accuracy against sparsity, with and without re-normalisation.
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for name, rows in results["prune"].items():
+    for key in [k for k in rows[0] if k not in ("sparsity", "dense")]:
+        ax.plot([r["sparsity"] for r in rows], [100 * r[key] for r in rows], marker=".", label=f"{name}: {key}")
+ax.set_xlabel("sparsity")
+ax.set_ylabel("test accuracy (%)")
+ax.set_title("one-shot global magnitude pruning")
+ax.legend(fontsize=7)
+fig.savefig(f"{OUT}/prune.png", dpi=100)
 
 # %%
 save()

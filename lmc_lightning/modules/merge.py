@@ -13,6 +13,7 @@ from lmc_lightning.checkpoint import save_net
 from lmc_lightning.io import atomic_write_text
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, evaluate_on_ranks, rank_info
+from lmc_lightning.progress import align_progress
 from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.permutation import ORDERS, align_many_weights
@@ -125,8 +126,9 @@ class MergeModule(PathModule):
             data = None
             if self.align != "weight":
                 data = seeded_subset(self._datamodule().split_tensors("train"), self.align_samples)
-            result = align_many_weights(self.net, thetas, method=self.align, order=self.order, data=data,
-                                        device=device)
+            with align_progress(self._trainer, self.align, "MergeModule") as progress:
+                result = align_many_weights(self.net, thetas, method=self.align, order=self.order, data=data,
+                                            device=device, progress=progress)
             aligned = [as_weight_dict(t) for t in result.weights]
             rank_zero_info(f"MergeModule: aligned {len(thetas)} endpoints by {self.align} matching, {self.order} "
                            f"order ({result.rounds} round(s)).")

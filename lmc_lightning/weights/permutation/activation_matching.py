@@ -8,7 +8,8 @@ matched on the sum of the correlation matrices of its points.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,11 @@ def feature_slice(output: Tensor, point: str) -> Tensor:
 
 def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Tensor],
                      theta_b: Mapping[str, Tensor], data: Data, batch_size: int = 256,
-                     device: str | torch.device | None = None) -> dict[str, list[CorrelationStats]]:
+                     device: str | torch.device | None = None,
+                     progress: Callable[[int], Any] | None = None) -> dict[str, list[CorrelationStats]]:
     """Correlation statistics of every activation point of every group (in eval mode).
+
+    ``progress`` (e.g. a progress bar's ``update``) is called with 1 after every batch.
 
     Returns:
         Group name -> one :class:`CorrelationStats` per activation point, already all-reduced over ranks.
@@ -111,6 +115,8 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                     stats[p] = CorrelationStats(n, device)
                 fa, fb = (feature_slice(f, p) for f in (fa, fb))
                 stats[p].update(as_samples(fa, n), as_samples(fb, n))
+            if progress is not None:
+                progress(1)
     if any(s is None for s in stats.values()):
         raise ValueError("data yielded no batches.")
     for s in stats.values():
@@ -120,7 +126,8 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
 
 def activation_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Tensor],
                         theta_b: Mapping[str, Tensor], data: Data, batch_size: int = 256,
-                        device: str | torch.device | None = None) -> Permutation:
+                        device: str | torch.device | None = None,
+                        progress: Callable[[int], Any] | None = None) -> Permutation:
     """Permutation of B's units maximising the summed activation correlation with A's units, one group at a time.
 
     Args:
@@ -131,11 +138,12 @@ def activation_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[
         data: Inputs (see :func:`~lmc_lightning.weights.permutation.batches.iter_batches`).
         batch_size: Batch size when ``data`` is given as tensors.
         device: Device to run on (default: that of A's weights).
+        progress: Called with 1 after every batch (e.g. a progress bar's ``update``).
 
     Returns:
         Group name -> index tensor (CPU, int64).
     """
-    stats = activation_stats(net, spec, theta_a, theta_b, data, batch_size, device)
+    stats = activation_stats(net, spec, theta_a, theta_b, data, batch_size, device, progress)
     corr = {g: sum(s.correlation() for s in group_stats) for g, group_stats in stats.items()}
     perm: Permutation = {}
     for unit in spec.units():
