@@ -6,10 +6,12 @@
 # epochs. Settings come from environment variables so a test can run this notebook on tiny settings.
 
 # %%
+# %matplotlib inline
 import json
 import os
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 import lmc_lightning as lmc
@@ -59,18 +61,35 @@ def train_net(widths: list[int], bias: bool, seed: int) -> torch.nn.Module:
     return net.eval()
 
 
+CURVES: dict[str, dict[str, tuple]] = {"table1": {}, "table2": {}}  # (t / end_time, test error) of the first pair
+
+
 def run(net: torch.nn.Module, a: dict, b: dict, finder: str, method: str, match: str) -> dict:
     """Build a connection, evaluate train and test along it (``POINTS`` per unit of t) and summarise."""
     path = connector_path(net, a, b, finder, method, match, data=train[0])
     end = getattr(path, "end_time", 1.0)
     result = lmc.evaluate_path(path, net, {"test": test, "train": train}, num_points=int(POINTS * end) + 1,
                                device="cpu", precision="32")
+    run.last = (result.coords[:, 0] / end, 100 * (1 - result.sets["test"].accuracy))
     summary = result.summary()
     return {"finder": finder, "method": method, "match": match, "end_time": end,
             "max_test_error": 1 - summary["test"]["accuracy"]["min"],
             "max_train_error": 1 - summary["train"]["accuracy"]["min"],
             "endpoint_test_error": [1 - summary["test"]["accuracy"]["start"], 1 - summary["test"]["accuracy"]["end"]],
             "int_test_error": 1 - summary["test"]["accuracy"]["int"], "length": float(result.length[-1])}
+
+
+def plot_errors(curves: dict[str, tuple], title: str) -> None:
+    """Test error (%) along each path, against ``t`` scaled to [0, 1]."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (t, err) in curves.items():
+        ax.plot(t, err, marker=".", label=name)
+    ax.set_xlabel("t / end_time")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / f"{title.split(':')[0].replace(' ', '_').lower()}.png", dpi=100)
 
 
 results: dict = {"epochs": EPOCHS, "width": WIDTH, "deep": DEEP, "table1": [], "table2": [], "ensembles": []}
@@ -85,8 +104,11 @@ for pair in range(FIRST_PAIR, FIRST_PAIR + PAIRS):
     for name, finder, method, match in TABLE1:
         row = {"pair": pair, "name": name, **run(nets[0], a, b, finder, method, match)}
         results["table1"].append(row)
+        if pair == FIRST_PAIR:
+            CURVES["table1"][name] = run.last
         print(f"pair {pair} {name:10s} max test error {row['max_test_error']:.4f} (endpoints "
               f"{row['endpoint_test_error'][0]:.4f}, {row['endpoint_test_error'][1]:.4f})")
+plot_errors(CURVES["table1"], f"Table 1: one-hidden-layer MLPs, pair {FIRST_PAIR}")
 
 # %% Table 2: bias-free deep MLPs with the step-wise finders.
 TABLE2 = [("Linear", "simultaneous", "lin", "none"), ("Arc", "simultaneous", "arc", "none"),
@@ -98,10 +120,13 @@ a, b = (dict(n.state_dict()) for n in members[:2])
 for name, finder, method, match in TABLE2:
     row = {"name": name, **run(members[0], a, b, finder, method, match)}
     results["table2"].append(row)
+    CURVES["table2"][name] = run.last
     print(f"deep {name:12s} max test error {row['max_test_error']:.4f}")
+plot_errors(CURVES["table2"], "Table 2: bias-free deep MLPs")
 
 # %% WA(n) ensembles of the deep MLPs vs plain ensembles (the first member is the shared base).
 layers = [f"hidden.{2 * i}" for i in range(len(DEEP))] + ["classifier"]
+plt.figure(figsize=(5, 3.5))
 for n in (1, 2):
     layer = layers[-n]
     res = lmc.wa_ensemble(members[0], [dict(m.state_dict()) for m in members], test, train[0], layer,
@@ -109,6 +134,14 @@ for n in (1, 2):
     results["ensembles"].append({"n": n, "layer": layer, **{k: r.to_dict() for k, r in res.items()}})
     print(f"WA({n}) at {layer}: plain {res['plain'].ensemble_accuracy.round(4).tolist()}, "
           f"WA {res['wa'].ensemble_accuracy.round(4).tolist()}")
+    plt.plot(range(1, len(members) + 1), 100 * res["wa"].ensemble_accuracy, marker="o", label=f"WA({n}) at {layer}")
+plt.plot(range(1, len(members) + 1), 100 * res["plain"].ensemble_accuracy, marker="s", label="plain ensemble")
+plt.xlabel("members")
+plt.ylabel("test accuracy (%)")
+plt.legend(fontsize=8)
+plt.title("WA(n) vs plain ensembles")
+plt.savefig(OUT / "ensembles.png", dpi=100)
 
 OUT.mkdir(parents=True, exist_ok=True)
 (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+print(f"wrote {OUT / 'results.json'}")

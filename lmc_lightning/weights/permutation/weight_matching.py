@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -239,7 +240,8 @@ class _Steps:
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
                     device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
-                    stream: bool = False, workers: int | None = None, warm: bool | None = None) -> MatchResult:
+                    stream: bool = False, workers: int | None = None, warm: bool | None = None,
+                    progress: Callable[[int], Any] | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
     Coordinate descent: each round visits the groups in a random order (seeded) and replaces one group's
@@ -271,6 +273,7 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
             better by more than that tolerance, so the result equals the exact loop's up to ties at that level.
             Default: on when the cost matrices are computed on a GPU, off on the CPU (where the sweeps cost about
             as much as a solve).
+        progress: Called with 1 after every round (e.g. a progress bar's ``update``).
 
     Returns:
         A :class:`MatchResult`; ``apply_permutation(theta_b, spec, result.perm)`` gives the aligned weights.
@@ -301,6 +304,8 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
             rounds += 1
             order = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
             improved = state.run_round(order, pool)
+            if progress is not None:
+                progress(1)
             if not improved:
                 converged = True
                 break
