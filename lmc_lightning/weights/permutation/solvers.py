@@ -1,10 +1,13 @@
-"""Linear assignment solvers for permutation matching: scipy, ``lap`` (LAPJV) and a torch auction solver.
+"""Linear assignment solvers for permutation matching: scipy, ``lap`` (LAPJV), a torch auction, dual prices.
 
-All three maximise ``sum_i cost[i, col[i]]`` over permutations. ``scipy`` and ``lap`` are exact; ``auction`` is
-Bertsekas' auction with epsilon scaling, run in torch on the cost's device, optimal to within ``n * eps`` of the
-objective. ``auto`` picks ``lap`` when it is installed (the ``fast`` extra) and ``scipy`` otherwise; it never picks
-``auction``: on an H200 it was 25x slower than scipy for ResNet-20 x16 weight matching (each bidding round is a
-dozen small kernels and a host sync). ``benchmarks/align.py`` holds the measurements behind the choice.
+All maximise ``sum_i cost[i, col[i]]`` over permutations. ``scipy`` and ``lap`` are exact; ``auction`` is Bertsekas'
+forward auction with epsilon scaling on int64 costs (a ``2**bits`` grid over the cost range, times ``n + 1``), run in
+torch on the cost's device and exactly optimal for the rounded costs. ``auto`` picks ``lap`` when it is installed (the
+``fast`` extra) and ``scipy`` otherwise; it never picks ``auction``: on an H200 a cold auction was 25x slower than
+scipy for ResNet-20 x16 weight matching (hundreds to thousands of bidding rounds of ~20 small kernels each), and a
+warm-started one still takes ~2-5 bidding rounds per row on weight-matching costs (the tail of the last phase).
+:func:`dual_prices` gives exact duals of an optimal assignment, :func:`optimality_gap` uses them as a certificate;
+weight matching's ``warm`` steps use both. ``benchmarks/align.py`` holds the measurements behind the choices.
 """
 
 from __future__ import annotations
