@@ -115,11 +115,12 @@ def test_lazy_and_streamed_weight_matching_take_the_same_path() -> None:
 def test_warm_steps_take_the_exact_path(solver: str) -> None:
     spec, a, b = _pair("resnet20", input_size=8, width=0.5)
     exact = weight_matching(spec, a, b, solver="scipy", warm=False)
-    warm = weight_matching(spec, a, b, solver=solver, warm=True)
-    assert warm.rounds == exact.rounds >= 2 and warm.solves == exact.solves
-    assert warm.cold == len(spec.groups) and (warm.bids > 0) == (solver == "auction")
-    assert all(torch.equal(warm.perm[g], exact.perm[g]) for g in spec.groups)
-    assert warm.objective == pytest.approx(exact.objective, rel=1e-9)
+    for workers in (1, 4):
+        warm = weight_matching(spec, a, b, solver=solver, warm=True, workers=workers)
+        assert warm.rounds == exact.rounds >= 2 and warm.solves == exact.solves
+        assert warm.cold == len(spec.groups) and (warm.bids > 0) == (solver == "auction")
+        assert all(torch.equal(warm.perm[g], exact.perm[g]) for g in spec.groups)
+        assert warm.objective == pytest.approx(exact.objective, rel=1e-9)
 
 
 def test_concurrent_steps_give_the_sequential_result() -> None:

@@ -190,17 +190,19 @@ class _Steps:
         # ties below the solver's accuracy (auction: its integer grid; exact solvers: float64 sums) do not count
         tol = auction_accuracy(n) * span if auctioned else 1e-10 * (span + abs(old))
         if price is not None and float(optimality_gap(cost, current, price)) <= tol:
-            self.certified += 1
+            with self.lock:
+                self.certified += 1
             return False
         if auctioned:
             solved = auction(cost, price, current)
-            self.bids += solved.iterations
         else:
             shifted = cost if price is None else cost - price
             col = solve_assignment(shifted.cpu(), "scipy" if self.solver == "auction" else self.solver)
             solved = dual_prices(cost, col, price)
+        with self.lock:
+            self.bids += solved.iterations if auctioned else 0
             self.cold += price is None
-        self.prices[group] = solved.price
+            self.prices[group] = solved.price
         if float(cost[rows, solved.col].sum()) <= old + tol:
             return self.update((group,), {group: current}, False, False)
         return self.update((group,), {group: solved.col}, True, True)
