@@ -28,6 +28,7 @@ vs float64 lstsq); the table reports the largest test-loss and accuracy differen
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -229,7 +230,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     net = nets[0]
-    a, b = ({k: v.detach().to(device) for k, v in n.state_dict().items()} for n in nets)
+    a, b = ({k: v.detach().to(device, copy=True) for k, v in n.state_dict().items()} for n in nets)
+    seed_net = copy.deepcopy(net)  # the seed's way loads weights into its net: keep it apart from ours
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), VGG16 "
           f"x{args.width:g} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params), endpoints trained on "
           f"{args.fit} images, {args.train} WA images, {args.test} test images, {args.points} points; Fashion-MNIST "
@@ -268,13 +270,13 @@ def main() -> None:
         index = min(int(math.floor(float(ts[i]))), len(path.chain) - 1) + 1
         if index < len(path.chain) and index not in f1:
             layer = path.chain[index]
-            f1[index] = seed_features(net, dict(path.a), train_loader, layer.name, layer.conv, device)
+            f1[index] = seed_features(seed_net, dict(path.a), train_loader, layer.name, layer.conv, device)
     seed_rows = []
     for i in picks:
         t = float(ts[i])
         sync(device)
         t0 = time.perf_counter()
-        loss, acc = seed_point(path, net, t, train_loader, test_loader, f1, device)
+        loss, acc = seed_point(path, seed_net, t, train_loader, test_loader, f1, device)
         sync(device)
         seed_rows.append({"t": t, "seconds": time.perf_counter() - t0, "loss": loss, "accuracy": acc,
                           "ours_loss": float(ours.loss[i]), "ours_accuracy": float(ours.accuracy[i])})
