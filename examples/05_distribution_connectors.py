@@ -83,34 +83,37 @@ results: dict = {"epochs": EPOCHS, "width": WIDTH, "deep": DEEP, "table1": [], "
 TABLE1 = [("Linear", "with_bias", "lin", "none"), ("Arc", "with_bias", "arc", "none"),
           ("Linear+WA", "with_bias_wa", "lin", "none"), ("Arc+WA", "with_bias_wa", "arc", "none"),
           ("OT", "with_bias", "lin", "ot"), ("OT+WA", "with_bias_wa", "lin", "ot")]
-for pair in range(FIRST_PAIR, FIRST_PAIR + PAIRS):
-    nets = [train_net([WIDTH], True, 2 * pair + i) for i in (0, 1)]
-    a, b = (dict(n.state_dict()) for n in nets)
-    for name, finder, method, match in TABLE1:
-        row = {"pair": pair, "name": name, **run(nets[0], a, b, finder, method, match)}
-        results["table1"].append(row)
-        print(f"pair {pair} {name:10s} max test error {row['max_test_error']:.4f} (endpoints "
-              f"{row['endpoint_test_error'][0]:.4f}, {row['endpoint_test_error'][1]:.4f})")
+
+
+def connect_pairs(label: str, widths: list[int], bias: bool, pairs: range, table: list[tuple[str, ...]]) -> list:
+    """Every path of ``table`` between the nets of seeds ``2p`` and ``2p + 1`` for each pair ``p``, one row each."""
+    rows = []
+    for pair in pairs:
+        nets = [train_net(widths, bias, 2 * pair + i) for i in (0, 1)]
+        a, b = (dict(n.state_dict()) for n in nets)
+        for name, finder, method, match in table:
+            rows.append({"pair": pair, "name": name, **run(nets[0], a, b, finder, method, match)})
+            print(f"{label} {pair} {name:12s} max test error {rows[-1]['max_test_error']:.4f} (endpoints "
+                  f"{rows[-1]['endpoint_test_error'][0]:.4f}, {rows[-1]['endpoint_test_error'][1]:.4f})")
+    return rows
+
+
+results["table1"] = connect_pairs("pair", [WIDTH], True, range(FIRST_PAIR, FIRST_PAIR + PAIRS), TABLE1)
 
 # %% Table 2: bias-free deep MLPs with the step-wise finders.
 TABLE2 = [("Linear", "simultaneous", "lin", "none"), ("Arc", "simultaneous", "arc", "none"),
           ("Linear+B-fly", "stepwise_butterfly", "lin", "none"), ("Arc+B-fly", "stepwise_butterfly", "arc", "none"),
           ("Linear+WA", "stepwise_wa", "lin", "none"), ("Arc+WA", "stepwise_wa", "arc", "none"),
           ("OT+B-fly", "stepwise_butterfly", "lin", "ot"), ("OT+WA", "stepwise_wa", "lin", "ot")]
-for pair in range(DEEP_PAIRS):
-    nets = [train_net(DEEP, False, 2 * pair + i) for i in (0, 1)]
-    a, b = (dict(n.state_dict()) for n in nets)
-    for name, finder, method, match in TABLE2:
-        row = {"pair": pair, "name": name, **run(nets[0], a, b, finder, method, match)}
-        results["table2"].append(row)
-        print(f"deep pair {pair} {name:12s} max test error {row['max_test_error']:.4f} (endpoints "
-              f"{row['endpoint_test_error'][0]:.4f}, {row['endpoint_test_error'][1]:.4f})")
+results["table2"] = connect_pairs("deep pair", DEEP, False, range(DEEP_PAIRS), TABLE2)
 
 
 # %% Across pairs: mean and std of the max test error per path, and in how many pairs the paper's ordering holds.
 def across_pairs(rows: list[dict], checks: dict[str, Callable[[dict[str, float]], bool]]) -> dict:
     """Per path name: mean, std (over pairs) and values of the max test error; per check (and for all of them
     together): the number of pairs where it holds."""
+    if not rows:
+        return {"pairs": 0, "max_test_error": {}, "ordering_holds": {}}
     by_pair: dict[int, dict[str, float]] = {}
     for row in rows:
         by_pair.setdefault(row["pair"], {})[row["name"]] = row["max_test_error"]
