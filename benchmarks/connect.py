@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0, help="VGG16 width multiplier")
     parser.add_argument("--points", type=int, default=61)
     parser.add_argument("--fit", type=int, default=60000, help="training images for the endpoints")
-    parser.add_argument("--epochs", type=int, default=4, help="endpoint training epochs (at most)")
+    parser.add_argument("--epochs", type=int, default=6, help="endpoint training epochs (at most)")
     parser.add_argument("--train-seconds", type=float, default=40.0, help="endpoint training time cap, per net")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=256)
