@@ -14,20 +14,25 @@ layer step, our ``stepwise_wa``) between two Garipov VGG16s, ours against the se
     inside the evaluator, point by point).
 
 Data: CIFAR-10 is not on the GPU machine, so real Fashion-MNIST images are zero-padded to 32x32 and repeated to three
-channels (CIFAR-shaped); ``--train`` images for the WA features, ``--test`` images for evaluation. Endpoints are two
-freshly initialised VGG16s (seeds 0 and 1): the timing does not depend on training. Both ways compute the same WA
-solve (up to float32 vs float64 and lstsq vs pinv); the table reports the largest test-loss difference at the timed
-points.
+channels (CIFAR-shaped). Endpoints: two VGG16s (seeds 0 and 1) trained first on ``--fit`` images for ``--epochs``
+epochs (capped at ``--train-seconds`` each; bf16 autocast on CUDA): on untrained nets the WA re-fits are
+ill-conditioned and the path diverges. Then ``--train`` training images for the WA features, ``--test`` images for
+evaluation, everything in float32 (no autocast, TF32 off). Both ways compute the same WA solve (up to float32 pinv
+vs float64 lstsq); the table reports the largest test-loss and accuracy differences at the timed points, and
+``--out`` writes them, the timings and the whole path to ``connect.json``.
 
-    python benchmarks/connect.py --device cuda                 # GPU: VGG16, 61 points
-    python benchmarks/connect.py --quick                       # tiny CPU run (VGG16 x1/8, 13 points)
+    python benchmarks/connect.py --device cuda --out runs/connect   # GPU: VGG16, 61 points
+    python benchmarks/connect.py --quick                            # tiny CPU run (VGG16 x1/8, 13 points)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,30 +129,113 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_vgg(seed: int, data: tuple[Tensor, Tensor], width: float, epochs: int, seconds: float, lr: float,
+              batch_size: int, device: torch.device) -> tuple[nn.Module, dict[str, float]]:
+    """A Garipov VGG16 trained from seed ``seed`` on ``data`` (SGD, momentum 0.9, wd 5e-4, linear warm-up over the
+    first 5% of steps, then linear decay to 0).
+
+    Steps: ``epochs`` epochs, or fewer when ``seconds`` would be exceeded: the speed is measured between steps 10 and
+    40 and the plan (and its schedule) fixed from it. bf16 autocast and channels_last on CUDA.
+    """
+    torch.manual_seed(seed)
+    net = get_net("vgg16_garipov", num_classes=10, in_channels=3, input_size=32, width=width).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    x, y = data
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(len(y) / batch_size)
+    total, done, probe = epochs * per_epoch, 0, (10, 40)
+    net.train()
+    sync(device)
+    start = time.perf_counter()
+    probe_start = start
+    while done < total:
+        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
+            if done == total:
+                break
+            frac = (done + 1) / total
+            for group in opt.param_groups:
+                group["lr"] = lr * min(frac / 0.05, (1 - frac) / 0.95, 1.0)
+            idx = idx.to(x.device)
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done in probe:  # fix the plan from the speed measured between the probe steps (warm)
+                sync(device)
+                now = time.perf_counter()
+                if done == probe[0]:
+                    probe_start = now
+                else:
+                    rate = (probe[1] - probe[0]) / (now - probe_start)
+                    total = max(done + 1, min(total, done + int((seconds - (now - start)) * rate)))
+    sync(device)
+    net = net.to(memory_format=torch.contiguous_format).eval()
+    return net, {"seconds": time.perf_counter() - start, "steps": done, "epochs": done / per_epoch,
+                 "last_batch_loss": loss.item(), "lr": lr}
+
+
+def accuracy(net: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_size: int = 1000) -> float:
+    """Test accuracy of ``net`` in float32."""
+    with torch.no_grad():
+        correct = sum(int((net(xb.to(device)).argmax(-1) == yb.to(device)).sum())
+                      for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True))
+    return correct / len(y)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny CPU settings")
     parser.add_argument("--width", type=float, default=1.0, help="VGG16 width multiplier")
     parser.add_argument("--points", type=int, default=61)
+    parser.add_argument("--fit", type=int, default=60000, help="training images for the endpoints")
+    parser.add_argument("--epochs", type=int, default=6, help="endpoint training epochs (at most)")
+    parser.add_argument("--train-seconds", type=float, default=40.0, help="endpoint training time cap, per net")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--min-accuracy", type=float, default=0.5,
+                        help="an endpoint below this test accuracy is trained again, once, at lr / 5")
     parser.add_argument("--train", type=int, default=10000, help="training images for the WA features")
     parser.add_argument("--test", type=int, default=10000)
     parser.add_argument("--seed-points", type=int, default=3, help="points timed the seed's way")
+    parser.add_argument("--out", default=None, help="folder for results.json (optional)")
     args = parser.parse_args()
     if args.quick:
         args.device, args.width, args.points, args.train, args.test, args.seed_points = "cpu", 0.125, 13, 400, 500, 2
+        args.fit, args.epochs, args.batch_size, args.lr, args.min_accuracy = 3000, 1, 128, 0.02, 0.0
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    (x_train, _), (x_test, y_test) = fmnist_cifar_shaped(args.train, args.test)
-    nets = []
+    (x_fit, y_fit), (x_test, y_test) = fmnist_cifar_shaped(args.fit, args.test)
+    x_train = x_fit[:args.train]
+    fit_data = (x_fit.to(device), y_fit.to(device)) if device.type == "cuda" else (x_fit, y_fit)
+    nets, training = [], []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        nets.append(get_net("vgg16_garipov", num_classes=10, in_channels=3, input_size=32, width=args.width).eval())
+        for lr in (args.lr, args.lr / 5):  # a VGG without BN can stay at chance: then once more, slower
+            net, info = train_vgg(seed, fit_data, args.width, args.epochs, args.train_seconds, lr, args.batch_size,
+                                  device)
+            info["test_accuracy"] = accuracy(net, x_test, y_test, device)
+            print(f"endpoint {seed}: {info['steps']} steps ({info['epochs']:.2f} epochs, lr {lr:g}) in "
+                  f"{info['seconds']:.1f} s, test accuracy {info['test_accuracy']:.4f}")
+            training.append({"seed": seed, **info})
+            if info["test_accuracy"] >= args.min_accuracy:
+                break
+        nets.append(net)
+    del fit_data
+    # Everything below in full float32: no autocast, no TF32 (so both ways compute the same numbers).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     net = nets[0]
-    a, b = ({k: v.to(device) for k, v in n.state_dict().items()} for n in nets)
+    a, b = ({k: v.detach().to(device, copy=True) for k, v in n.state_dict().items()} for n in nets)
+    seed_net = copy.deepcopy(net)  # the seed's way loads weights into its net: keep it apart from ours
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), VGG16 "
-          f"x{args.width:g} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params), {args.train} WA images, "
-          f"{args.test} test images, {args.points} points; Fashion-MNIST padded to 3x32x32")
+          f"x{args.width:g} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params), endpoints trained on "
+          f"{args.fit} images, {args.train} WA images, {args.test} test images, {args.points} points; Fashion-MNIST "
+          "padded to 3x32x32; evaluation in float32")
 
     # (b) ours
     sync(device)
@@ -162,13 +250,16 @@ def main() -> None:
     t_pre = time.perf_counter() - t0
     test = (x_test.to(device), y_test.to(device))
     t0 = time.perf_counter()
-    ours = evaluate_path(points, net, test, coords=ts, device=device)
+    ours = evaluate_path(points, net, test, coords=ts, device=device, precision="32")
     sync(device)
     t_eval = time.perf_counter() - t0
     t0 = time.perf_counter()
-    direct = evaluate_path(path, net, test, coords=ts, device=device)
+    direct = evaluate_path(path, net, test, coords=ts, device=device, precision="32")
     sync(device)
     t_direct = time.perf_counter() - t0
+    print(f"endpoints' test accuracy {ours.accuracy[0]:.4f}, {ours.accuracy[-1]:.4f}; along the path: min accuracy "
+          f"{np.nanmin(ours.accuracy):.4f}, max loss {np.nanmax(ours.loss):.4f}, "
+          f"{int((~np.isfinite(ours.loss)).sum())} non-finite points")
 
     # (a) the seed's way on a few points spread over the steps
     train_loader = DataLoader(TensorDataset(x_train), batch_size=128)
@@ -179,18 +270,22 @@ def main() -> None:
         index = min(int(math.floor(float(ts[i]))), len(path.chain) - 1) + 1
         if index < len(path.chain) and index not in f1:
             layer = path.chain[index]
-            f1[index] = seed_features(net, dict(path.a), train_loader, layer.name, layer.conv, device)
-    seed_times, diffs = [], []
+            f1[index] = seed_features(seed_net, dict(path.a), train_loader, layer.name, layer.conv, device)
+    seed_rows = []
     for i in picks:
         t = float(ts[i])
         sync(device)
         t0 = time.perf_counter()
-        loss, _ = seed_point(path, net, t, train_loader, test_loader, f1, device)
+        loss, acc = seed_point(path, seed_net, t, train_loader, test_loader, f1, device)
         sync(device)
-        seed_times.append(time.perf_counter() - t0)
-        diffs.append(abs(loss - float(ours.loss[i])))
-        print(f"  seed's way at t={t:.2f}: {seed_times[-1]:.2f} s, test loss {loss:.4f} (ours {ours.loss[i]:.4f})")
-    per_point = float(np.mean(seed_times))
+        seed_rows.append({"t": t, "seconds": time.perf_counter() - t0, "loss": loss, "accuracy": acc,
+                          "ours_loss": float(ours.loss[i]), "ours_accuracy": float(ours.accuracy[i])})
+        r = seed_rows[-1]
+        print(f"  seed's way at t={t:.2f}: {r['seconds']:.2f} s, test loss {loss:.5f} / accuracy {acc:.4f} "
+              f"(ours {r['ours_loss']:.5f} / {r['ours_accuracy']:.4f})")
+    per_point = float(np.mean([r["seconds"] for r in seed_rows]))
+    loss_diff = max(abs(r["loss"] - r["ours_loss"]) for r in seed_rows)
+    acc_diff = max(abs(r["accuracy"] - r["ours_accuracy"]) for r in seed_rows)
     ours_total = t_build + t_pre + t_eval
     print("\n| way | seconds | per point | vs seed's |\n|---|---|---|---|")
     print(f"| seed's (host loader, numpy pinv), {len(picks)} points timed | {per_point * args.points:.1f} (projected) "
@@ -199,9 +294,26 @@ def main() -> None:
           f"{ours_total / args.points:.3f} | {per_point * args.points / ours_total:.1f}x |")
     print(f"| ours, evaluated directly (weights inside the evaluator) | {t_build + t_direct:.2f} | "
           f"{(t_build + t_direct) / args.points:.3f} | {per_point * args.points / (t_build + t_direct):.1f}x |")
-    print(f"\nlargest test-loss difference at the timed points: {max(diffs):.2e} (precision: {ours.meta['precision']});"
-          f" precomputed vs direct: {float(np.abs(ours.loss - direct.loss).max()):.2e}")
-    print(f"test loss along the path: start {ours.loss[0]:.4f}, max {ours.loss.max():.4f}, end {ours.loss[-1]:.4f}")
+    pre_vs_direct = float(np.nanmax(np.abs(ours.loss - direct.loss)))
+    print(f"\nseed's way vs ours at the {len(picks)} timed points: max |test loss diff| {loss_diff:.2e}, max "
+          f"|accuracy diff| {acc_diff:.2e} (float32); precomputed vs direct: {pre_vs_direct:.2e}")
+    print(f"test loss along the path: start {ours.loss[0]:.4f}, max {np.nanmax(ours.loss):.4f}, end "
+          f"{ours.loss[-1]:.4f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"args": vars(args), "device": str(device), "training": training,
+                  "path": {"t": ts.tolist(), "loss": _finite(ours.loss), "accuracy": _finite(ours.accuracy)},
+                  "seed_points": seed_rows, "max_loss_diff": loss_diff, "max_accuracy_diff": acc_diff,
+                  "precomputed_vs_direct_loss_diff": pre_vs_direct,
+                  "seconds": {"seed_per_point": per_point, "seed_projected": per_point * args.points,
+                              "build": t_build, "precompute": t_pre, "evaluate": t_eval, "direct": t_direct},
+                  "speedup": per_point * args.points / ours_total}
+        (out / "connect.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
@@ -325,15 +326,24 @@ class PathModule(LMCModule):
             raise ValueError(f"{type(self).__name__} has no endpoints: pass --model.endpoints [a.ckpt,b.ckpt].")
         pairs = zip(self.endpoints, self.prefixes, strict=True)
         loaded = [load_weights(p, prefix, key_map=self.key_map) for p, prefix in pairs]
-        spec = self._resolve_spec([s for _, s in loaded])
-        template = self._make_template(spec)
         names = [f"endpoint {i} ({p})" for i, p in enumerate(self.endpoints)]
+        return self.checked_states([state for state, _ in loaded], [spec for _, spec in loaded], names)
+
+    def checked_states(self, states: Sequence[Mapping[str, Tensor]], specs: Sequence[dict[str, Any] | None],
+                      names: Sequence[str]) -> list[WeightDict]:
+        """Build the template net from ``specs`` (see :meth:`_resolve_spec`), check every state against it and
+        against each other, and return them with the template's keys in its order.
+
+        Raises:
+            ValueError: A mismatching tensor, named with its source in ``names`` and both shapes.
+        """
+        template = self._make_template(self._resolve_spec(list(specs)))
         keys = list(template.state_dict())
         thetas = []
-        for (state, _), name in zip(loaded, names, strict=True):
+        for state, name in zip(states, names, strict=True):
             check_state_matches(template, state, source=name)
             thetas.append({k: state[k] for k in keys})
-        check_compatible(*thetas, names=names)
+        check_compatible(*thetas, names=list(names))
         return thetas
 
     def _make_template(self, spec: dict[str, Any]) -> nn.Module:
@@ -481,6 +491,35 @@ def summary_metrics(result: PathResult, prefix: str = "barrier") -> dict[str, fl
     names = {"loss": "loss_barrier", "accuracy": "accuracy_barrier", "loss_mean": "loss_barrier_mean",
              "accuracy_mean": "accuracy_barrier_mean"}
     return {f"{prefix}/{short}": float(b[long]) for short, long in names.items() if b[long] is not None}
+
+
+def restore_path_module(file: str | os.PathLike) -> PathModule | None:
+    """The path module (a fitted ``CurveModule`` or ``SurfaceModule``) saved in ``file``, its path restored on the
+    CPU in eval mode; None when ``file`` is not a path module's checkpoint (e.g. a network's).
+
+    The checkpoint is read with ``weights_only=True``; the module is rebuilt from its stored hyperparameters and
+    class name (only :class:`PathModule` subclasses in :mod:`lmc_lightning.modules`).
+
+    Raises:
+        ValueError: The checkpoint names a class that is not an lmc_lightning path module.
+    """
+    obj = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping) or CKPT_KEY not in obj or not isinstance(obj.get("state_dict"), Mapping):
+        return None
+    from lmc_lightning import modules
+    from lmc_lightning.modules.base import MODULE_KEY
+
+    writer = str(obj.get(MODULE_KEY, ""))
+    cls = getattr(modules, writer.rsplit(".", 1)[-1], None) if writer.startswith("lmc_lightning.modules.") else None
+    if not (isinstance(cls, type) and issubclass(cls, PathModule)):
+        raise ValueError(f"{file} holds a path checkpoint written by {writer or 'an unknown module'}, which is not "
+                         "an lmc_lightning path module.")
+    accepted = inspect.signature(cls.__init__).parameters
+    hparams = {k: v for k, v in dict(obj.get("hyper_parameters", {})).items() if k in accepted}
+    module = cls(**{**hparams, "endpoints": None})
+    module.on_load_checkpoint(obj)
+    module.load_state_dict(obj["state_dict"])
+    return module.eval()
 
 
 def as_weight_dict(state: Mapping[str, Tensor]) -> WeightDict:
