@@ -242,7 +242,7 @@ class _Steps:
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
                     device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
-                    stream: bool = False, workers: int | None = None, warm: bool | None = None,
+                    stream: bool = False, workers: int | None = None, warm: bool = False,
                     progress: Callable[[int], Any] | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
@@ -273,8 +273,9 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
             warm-started (``solver`` on the cost minus the prices, or for ``solver="auction"`` the auction from its
             prices; a group's first step is a cold solve by scipy/lap). A new permutation is taken only when it is
             better by more than that tolerance, so the result equals the exact loop's up to ties at that level.
-            Default: on when the cost matrices are computed on a GPU, off on the CPU (where the sweeps cost about
-            as much as a solve).
+            Default: off. Measured on one H200 (ResNet-20 x16) the sweeps cost more than the re-solves they save
+            (0.36x the exact loop's speed, against 1.52x for ``lazy`` with threads); on the CPU they cost about as
+            much as a solve.
         progress: Called with 1 after every round (e.g. a progress bar's ``update``).
 
     Returns:
@@ -298,7 +299,7 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     units = [tuple(g for g in unit if matcher.entries[g]) for unit in spec.units()]
     units = [u for u in units if u]
     gen = torch.Generator().manual_seed(seed)
-    warm = device.type == "cuda" if warm is None else warm
+    warm = bool(warm)
     state = _Steps(matcher, spec, perm, solver, lazy, device, warm)
     rounds, converged = 0, False
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
