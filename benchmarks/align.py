@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import time
 from collections.abc import Iterator
 
@@ -33,8 +34,10 @@ from lmc_lightning.weights.permutation.solvers import has_lap
 wm = importlib.import_module("lmc_lightning.weights.permutation.weight_matching")  # the module, not the function
 
 FULL = {"mlp": ("mlp", {"width": 2048, "depth": 3}), "vgg16": ("vgg16", {"width": 4.0}),
+        "vgg16bn": ("vgg16_bn", {"width": 4.0}),
         "resnet20": ("resnet20", {"width": 4.0}), "resnet20x16": ("resnet20", {"width": 16.0})}
 QUICK = {"mlp": ("mlp", {"width": 64, "depth": 3}), "vgg16": ("vgg16", {"width": 0.25}),
+         "vgg16bn": ("vgg16_bn", {"width": 0.25}),
          "resnet20": ("resnet20", {"width": 0.5}), "resnet20x16": ("resnet20", {"width": 2.0})}
 
 def reference_weight_matching(spec: PermutationSpec, theta_a: dict, theta_b: dict, max_iter: int = 100,
@@ -150,14 +153,18 @@ def barrier(net: torch.nn.Module, a: dict, b: dict, spec: PermutationSpec, perm:
 
 
 VARIANTS = {  # name -> weight_matching arguments
-    "today": {"lazy": False, "solver": "scipy", "workers": 1},
-    "lazy": {"lazy": True, "solver": "scipy", "workers": 1},
-    "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8},
-    "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1},
-    "lazy+lap+threads": {"lazy": True, "solver": "lap", "workers": 8},
-    "lazy+auction": {"lazy": True, "solver": "auction", "workers": 1},
-    "stream+threads": {"lazy": True, "solver": "scipy", "workers": 8, "stream": True},
-    "stream": {"lazy": True, "solver": "scipy", "workers": 1, "stream": True},
+    "today": {"lazy": False, "solver": "scipy", "workers": 1, "warm": False},
+    "lazy": {"lazy": True, "solver": "scipy", "workers": 1, "warm": False},
+    "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8, "warm": False},
+    "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1, "warm": False},
+    "lazy+lap+threads": {"lazy": True, "solver": "lap", "workers": 8, "warm": False},
+    "lazy+auction": {"lazy": True, "solver": "auction", "workers": 1, "warm": False},
+    "stream+threads": {"lazy": True, "solver": "scipy", "workers": 8, "stream": True, "warm": False},
+    "stream": {"lazy": True, "solver": "scipy", "workers": 1, "stream": True, "warm": False},
+    "warm": {"lazy": True, "solver": "scipy", "workers": 1, "warm": True},
+    "warm+threads": {"lazy": True, "solver": "scipy", "workers": 8, "warm": True},
+    "warm+auction+threads": {"lazy": True, "solver": "auction", "workers": 8, "warm": True},
+    "warm+stream+threads": {"lazy": True, "solver": "scipy", "workers": 8, "stream": True, "warm": True},
 }
 
 
@@ -201,7 +208,8 @@ def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, va
             wm.solve_assignment = timer.inner
         row = {"net": label, "variant": variant, "params": sum(p.numel() for p in nets[0].parameters()),
                "groups": len(spec.groups), "s": seconds, "lsa_s": timer.seconds, "rounds": result.rounds,
-               "solves": result.solves, "objective": result.objective}
+               "solves": result.solves, "cold": result.cold, "certified": result.certified, "bids": result.bids,
+               "objective": result.objective}
         if device.type == "cuda":
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         today = today or result
@@ -226,24 +234,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny widths, for a CPU smoke run")
     parser.add_argument("--nets", nargs="+", default=["vgg16", "resnet20x16"], choices=list(FULL))
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                        help="default: today, lazy, lazy+lap (if installed), and on CUDA lazy+auction, stream+auction")
+                        help="default: today, lazy, lazy+threads, lazy+lap+threads (if installed), and on CUDA "
+                             "warm+threads, warm+auction+threads, warm+stream+threads (on the CPU: stream)")
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--ref-max-iter", type=int, default=0,
                         help="round limit of the textbook numpy reference (0, the default, skips it)")
     parser.add_argument("--train-steps", type=int, default=0,
                         help="SGD steps on real Fashion-MNIST per net before matching (0: random nets, no barrier)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="also append every row to this JSON-lines file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = args.variants or (["today", "lazy", "lazy+threads"] + (["lazy+lap+threads"] if has_lap() else [])
-                                 + (["lazy+auction", "stream+threads"] if device.type == "cuda" else ["stream"]))
+                                 + (["warm+threads", "warm+auction+threads", "warm+stream+threads"]
+                                    if device.type == "cuda" else ["stream"]))
     data = fmnist(device) if args.train_steps else None
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()}"
           + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
     print(f"{'net':12s} {'variant':15s} {'params':>11s} {'groups':>6s} {'s':>8s} {'lsa_s':>7s} {'rounds':>6s} "
-          f"{'solves':>6s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s}")
+          f"{'solves':>6s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s} "
+          f"{'cold':>4s} {'cert':>4s} {'bids':>6s} objective")
     for label in args.nets:
         t_data = time.perf_counter()
         base = None
@@ -254,7 +266,12 @@ def main() -> None:
             print(f"{r['net']:12s} {r['variant']:15s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
                   f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} {base / r['s']:6.2f}x "
                   f"{r['agree']:3d}/{r['groups']:<2d} {fmt('peak_mib', '8.1f'):>8s} {fmt('barrier', '8.4f'):>8s} "
-                  f"{fmt('naive', '7.3f'):>7s}", flush=True)
+                  f"{fmt('naive', '7.3f'):>7s} {fmt('cold', 'd'):>4s} {fmt('certified', 'd'):>4s} "
+                  f"{fmt('bids', 'd'):>6s} {fmt('objective', '.9g')}", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({**r, "speedup": base / r["s"], "device": str(device),
+                                        "train_steps": args.train_steps}) + "\n")
         print(f"# {label}: {time.perf_counter() - t_data:.1f} s in all (training, matching, barriers)", flush=True)
 
 

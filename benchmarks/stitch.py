@@ -2,8 +2,9 @@
 
 1. Stitch-training step vs an endpoint training step of net B (target: stitch <= 1.3x). Both are bare steps on
    device-resident synthetic batches (forward, loss, backward, SGD step; the stitch step adds the stitcher's penalty
-   and projection), batch 32 as in the seed, nets in train mode (BN batch statistics). Points: the first ReLU (B runs
-   almost the whole net), a middle one and the last.
+   and projection), batch 32 as in the seed, nets in train mode (BN batch statistics). Points: every ReLU of nets
+   with at most 5 (mcnn), else the first (B runs almost the whole net), a middle one and the last. Birkhoff runs
+   with its default projection (one captured CUDA graph on the GPU) and, as ``birkhoff-eager``, kernel by kernel.
 2. The layer x layer G_ReLU-CKA matrix of two ResNet-20s (``resnet20_a``, 19 points) with
    :func:`lmc_lightning.metrics.similarity_matrix` (one kernel per layer, blocked on the device) vs a straightforward
    per-pair loop calling :func:`lmc_lightning.metrics.functional.grelu_cka` (two kernels per pair). Target: >= 10x.
@@ -13,12 +14,14 @@
 
     python benchmarks/stitch.py --quick            # CPU, small sizes
     python benchmarks/stitch.py --device cuda      # GPU: mcnn + resnet20_a steps, CKA on 10k images
+    python benchmarks/stitch.py --parts projection steps --json out.json   # item 8's step figures only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from lmc_lightning.metrics.functional import grelu_cka
 from lmc_lightning.metrics.similarity_functional import similarity_matrix
 from lmc_lightning.nets import get_net
-from lmc_lightning.stitching import make_layer, point_shapes, stitch, stitch_points
+from lmc_lightning.stitching import Birkhoff, make_layer, point_shapes, sinkhorn, stitch, stitch_points
 from lmc_lightning.weights.permutation.batches import capture_module
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -72,26 +75,67 @@ def bench_steps(name: str, shape: tuple[int, int, int], args: argparse.Namespace
     t_end = per_step(endpoint_step, args.steps, args.repeats, device)
     points = stitch_points(net_a)
     shapes = point_shapes(net_a, shape)
-    chosen = [points[0], points[len(points) // 2], points[-1]]
+    chosen = points if len(points) <= 5 else [points[0], points[len(points) // 2], points[-1]]
     print(f"{name} width {args.width}, batch {args.batch_size}, {device}: endpoint step {1e3 * t_end:.3f} ms")
+    rows = args.results.setdefault("steps", [])
+    rows.append({"net": name, "point": None, "layer": "endpoint", "ms": 1e3 * t_end, "ratio": 1.0})
     for point in chosen:
-        for kind in ("affine", "lowrank", "birkhoff"):
+        for kind in args.layers:
             a, b = copy.deepcopy(net_a), copy.deepcopy(net_b)
             for p in [*a.parameters(), *b.parameters()]:
                 p.requires_grad_(False)
-            layer = make_layer(kind, shapes[point][0], rank=1).to(device)
+            layer = make_layer(kind.split("-")[0], shapes[point][0], rank=1,
+                               cuda_graph=kind == "birkhoff").to(device)
+            project = (lambda layer=layer: plain_projection(layer)) if kind == "birkhoff-plain" else layer.project
             model = stitch(a, b, point, layer).train()
             opt = torch.optim.SGD(layer.parameters(), lr=1e-3, weight_decay=1e-4)
 
-            def stitch_step(model=model, layer=layer, opt=opt) -> None:
+            def stitch_step(model=model, layer=layer, opt=opt, project=project) -> None:
                 opt.zero_grad(set_to_none=True)
                 (F.cross_entropy(model(x), y) + layer.penalty()).backward()
                 opt.step()
-                layer.project()
+                project()
 
             t = per_step(stitch_step, args.steps, args.repeats, device)
-            print(f"  point {point:>16} {kind:>8}: stitch step {1e3 * t:.3f} ms = {t / t_end:.2f}x endpoint "
-                  f"(target <= 1.3x)")
+            rows.append({"net": name, "point": point, "layer": kind, "ms": 1e3 * t, "ratio": t / t_end})
+            print(f"  point {point:>16} {kind:>14}: stitch step {1e3 * t:.3f} ms = {t / t_end:.2f}x endpoint "
+                  f"(target <= 1.3x)", flush=True)
+
+
+@torch.no_grad()
+def plain_projection(layer: Birkhoff) -> None:
+    """The projection as first written (eager, on a copy): ``W <- sinkhorn(relu(W))``, ``s <- relu(s)``."""
+    layer.weight.copy_(sinkhorn(layer.weight.clamp_min(0), layer.iters))
+    layer.weight_scalars.clamp_(min=0)
+
+
+def bench_projection(args: argparse.Namespace, device: torch.device) -> None:
+    """The Birkhoff projection alone (16 rounds): plain (on a copy) vs in place vs the default (CUDA graph on GPU)."""
+    print(f"Birkhoff projection alone, {device}")
+    rows = args.results.setdefault("projection", [])
+    for channels in (64, 128, 256, 512):
+        torch.manual_seed(0)
+        timings = {}
+        for kind in ("plain", "eager", "default"):
+            layer = Birkhoff(channels, cuda_graph=kind == "default").to(device)
+            fn = (lambda layer=layer: plain_projection(layer)) if kind == "plain" else layer.project
+            timings[kind] = per_step(fn, args.steps, args.repeats, device)
+        # same result: both forms from one perturbed W, over several steps (on CUDA: capture, then replays)
+        plain, fast = Birkhoff(channels).to(device), Birkhoff(channels).to(device)
+        fast.load_state_dict(plain.state_dict())
+        diff = 0.0
+        for _ in range(4):
+            with torch.no_grad():
+                noise = 0.05 * torch.randn(channels, channels, device=device)
+                plain.weight.add_(noise)
+                fast.weight.add_(noise)
+            plain_projection(plain)
+            fast.project()
+            diff = max(diff, float((plain.weight - fast.weight).detach().abs().max()))
+        rows.append({"channels": channels, **{f"{k}_us": 1e6 * v for k, v in timings.items()}, "max_abs_diff": diff})
+        print(f"  C = {channels:>3}: plain {1e6 * timings['plain']:.1f} us, in place {1e6 * timings['eager']:.1f} us, "
+              f"default {1e6 * timings['default']:.1f} us ({timings['plain'] / timings['default']:.1f}x faster than "
+              f"plain); max |W_default - W_plain| = {diff:.1e} (test bound 1e-6)", flush=True)
 
 
 def _images(n: int, device: torch.device) -> tuple[torch.Tensor, str]:
@@ -150,20 +194,32 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--naive-budget", type=float, default=60.0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", nargs="+", default=["steps", "cka"], choices=["steps", "cka"])
+    p.add_argument("--parts", nargs="+", default=["steps", "cka"], choices=["steps", "cka", "projection"])
     p.add_argument("--nets", nargs="+", default=["mcnn", "resnet20_a"])
+    p.add_argument("--layers", nargs="+", default=["affine", "lowrank", "birkhoff", "birkhoff-eager"],
+                   choices=["affine", "lowrank", "birkhoff", "birkhoff-eager", "birkhoff-plain"],
+                   help="birkhoff: the default projection (one CUDA graph on the GPU); birkhoff-eager: in-place, "
+                        "kernel by kernel; birkhoff-plain: the first, out-of-place form")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.results = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else device),
+                    "batch_size": args.batch_size, "steps": []}
     args.steps = args.steps or (10 if args.quick else 50)
     args.width = args.width or (0.25 if args.quick else 1.0)
     args.samples = args.samples or (300 if args.quick else 10_000)
+    if "projection" in args.parts:
+        bench_projection(args, device)
     if "steps" in args.parts:
         for name in args.nets:
             bench_steps(name, (3, 32, 32), args, device)
     if "cka" in args.parts:
         bench_cka(args, device)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(args.results, indent=1))
 
 
 if __name__ == "__main__":

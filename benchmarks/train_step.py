@@ -9,6 +9,8 @@ epoch (the first one warms up). Rounds are interleaved and the best of ``--repea
 * ``module``: ``EndpointModule`` in ``Trainer.fit`` (no logger or progress bar, as the hand loop has none).
 * ``module, CLI defaults``: the same with a CSV logger and the progress bar, as ``lmc fit`` runs it.
 * ``automatic opt.``: the module under Lightning's automatic optimisation (its closure and per-step hooks).
+* ``Lightning update``: the module with its update sent through ``manual_backward`` and Lightning's optimiser
+  wrapper (``EndpointModule.direct_update = False``), the default until issue 18's second round.
 * ``before``: the module as it was (torchmetrics accuracy and ``self.log`` on every step), for the record.
 
 Prints a ratio table (module / hand; target <= 1.2), a breakdown of the module's host time per step (cProfile) and
@@ -40,6 +42,7 @@ from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.data.base import BaseDataModule
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler
 from lmc_lightning.modules import EndpointModule, OptimConfig
+from lmc_lightning.weights.stacked import StackedNets
 
 NETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlp": ("mlp", {"depth": 3, "width": 512}),
@@ -108,6 +111,12 @@ class AutomaticStep(EndpointModule):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = True
+
+
+class LightningUpdate(EndpointModule):
+    """EndpointModule with every update through ``manual_backward`` and Lightning's optimiser wrapper."""
+
+    direct_update = False
 
 
 class Before(EndpointModule):
@@ -246,28 +255,31 @@ def measure(variant: str, key: str, args: argparse.Namespace, device: torch.devi
     """Seconds per step of one variant of the ratio table."""
     if variant == "hand":
         return hand_seconds(key, args, device, precision, channels_last)
-    cls = {"module": EndpointModule, "cli": EndpointModule, "auto": AutomaticStep, "before": Before}[variant]
+    cls = {"module": EndpointModule, "cli": EndpointModule, "auto": AutomaticStep, "before": Before,
+           "lightning": LightningUpdate}[variant]
     return fit_seconds(endpoint(key, channels_last, cls), args, device, precision, cli_defaults=variant == "cli")[0]
 
 
 def ratio_table(args: argparse.Namespace, device: torch.device) -> dict[tuple[str, str], float]:
     print("\n## Per-step time: EndpointModule (Lightning fit) vs a hand-written loop, same device-resident data")
-    print("| net | setting | hand ms | module ms | module / hand | module, CLI defaults / hand | automatic opt. / hand "
-          "| before / hand |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    extra = {"cli": "module, CLI defaults", "lightning": "Lightning update", "auto": "automatic opt.",
+             "before": "before"}
+    extra = {k: v for k, v in extra.items() if k in args.variants}
+    print("| net | setting | hand ms | module ms | module / hand | "
+          + " | ".join(f"{label} / hand" for label in extra.values()) + " |")
+    print("| --- | --- | --- | --- | --- |" + " --- |" * len(extra))
     out = {}
     for key in args.nets:
         for label, precision, cl in settings(args, key):
             best: dict[str, float] = {}
-            variants = ["hand", "module"] + (["cli", "auto", "before"] if label == "fp32" else [])
+            variants = ["hand", "module"] + (list(extra) if label == "fp32" else [])
             for _ in range(args.repeats):
                 for name in variants:
                     best[name] = min(best.get(name, float("inf")), measure(name, key, args, device, precision, cl))
             hand = best["hand"]
-            ratio = {k: f"{best[k] / hand:.2f}x" if k in best else "-" for k in ("cli", "auto", "before")}
+            ratio = [f"{best[k] / hand:.2f}x" if k in best else "-" for k in extra]
             print(f"| {LABELS[key]} | {label} | {hand * 1e3:.2f} | {best['module'] * 1e3:.2f} | "
-                  f"{best['module'] / hand:.2f}x | {ratio['cli']} | {ratio['auto']} | {ratio['before']} |",
-                  flush=True)
+                  f"{best['module'] / hand:.2f}x | " + " | ".join(ratio) + " |", flush=True)
             out[(key, label)] = best["module"]
     return out
 
@@ -279,8 +291,8 @@ BUCKETS = {  # (file fragment, function) whose cumulative time forms a bucket; n
     "forward + loss": [("modules/endpoint.py", "training_step"), ("train_step.py", "training_step")],
     "metric update + self.log": [("metrics/totals.py", "update"), ("core/module.py", "log"),
                                  ("torchmetrics/metric.py", "forward")],
-    "backward": [("strategies/strategy.py", "backward")],
-    "zero_grad": [("optimization/automatic.py", "_optimizer_zero_grad")],
+    "backward": [("torch/_tensor.py", "backward")],
+    "zero_grad": [("torch/optim/optimizer.py", "zero_grad")],
     "optimizer.step (+ closure)": [("torch/optim/optimizer.py", "wrapper")],
     "lr scheduler": [("torch/optim/lr_scheduler.py", "step")],
 }
@@ -326,37 +338,52 @@ def profile_breakdown(args: argparse.Namespace, device: torch.device) -> None:
 # Zoo throughput -----------------------------------------------------------------------------------------------------
 
 def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
-    """Throughput of a zoo of K models in one run against K sequential ``num_models=1`` runs."""
+    """Throughput of a zoo of K models in one run against K sequential ``num_models=1`` runs (best of
+    ``--repeats`` fits each); with ``--zoo-vmap`` also the zoo of a Linear/ReLU chain through ``vmap``."""
     args = argparse.Namespace(**{**vars(args), "subset": args.zoo_subset or args.subset})
     if "num_models" not in inspect.signature(EndpointModule).parameters:
         print("\n(zoo: EndpointModule has no num_models here; skipped)")
         return
     print("\n## Zoo: K models in one Lightning run vs K sequential runs (ms per step of all K models; sequential = "
           "K x the single run's step, measured in the same run)")
-    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | peak GPU MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | zoo through vmap ms | speed-up (vmap) "
+          "| peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     precisions = [("fp32", "32-true")] + ([("bf16-mixed", "bf16-mixed")] if "bf16" in args.precisions else [])
+
+    def best(build: Callable[[], pl.LightningModule], precision: str) -> float:
+        return min(fit_seconds(build, args, device, precision)[0] for _ in range(args.repeats))
+
     for key in args.zoo_nets:
+        sizes = args.zoo if key == "mlp" or args.zoo_conv is None else args.zoo_conv
         for label, precision in precisions:
             if time.perf_counter() > args.deadline:
-                print(f"| {LABELS[key]} | {label} | (skipped: time budget) | | | | |")
+                print(f"| {LABELS[key]} | {label} | (skipped: time budget) | | | | | | |")
                 continue
-            single = fit_seconds(endpoint(key), args, device, precision)[0]
-            for k in args.zoo:
+            single = best(endpoint(key), precision)
+            for k in sizes:
                 if time.perf_counter() > args.deadline:
-                    print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) | | | | |")
+                    print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) | | | | | | |")
                     break
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    sec = fit_seconds(endpoint(key, num_models=k), args, device, precision)[0]
+                    sec = best(endpoint(key, num_models=k), precision)
+                    mem = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
+                    vmap = "-", "-"
+                    if args.zoo_vmap and key == "mlp":
+                        StackedNets.fast_chain = False
+                        try:
+                            slow = best(endpoint(key, num_models=k), precision)
+                        finally:
+                            StackedNets.fast_chain = True
+                        vmap = f"{slow * 1e3:.2f}", f"{k * single / slow:.2f}x"
                 except torch.OutOfMemoryError:
-                    print(f"| {LABELS[key]} | {label} | {k} | out of memory | | | |")
+                    print(f"| {LABELS[key]} | {label} | {k} | out of memory | | | | | |")
                     break
-                mem = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
                 print(f"| {LABELS[key]} | {label} | {k} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
-                      f"{k * single / sec:.2f}x | {mem} |", flush=True)
+                      f"{k * single / sec:.2f}x | {vmap[0]} | {vmap[1]} | {mem} |", flush=True)
 
 
 def accuracy_table(args: argparse.Namespace, device: torch.device) -> None:
@@ -405,6 +432,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo", type=int, nargs="*", default=[], help="zoo sizes K to time, e.g. 1 4 16 64")
     parser.add_argument("--zoo-subset", type=int, default=None, help="training images per zoo epoch (None: --subset)")
     parser.add_argument("--zoo-nets", nargs="+", default=["mlp", "resnet20"], choices=list(NETS))
+    parser.add_argument("--zoo-conv", type=int, nargs="*", default=None,
+                        help="zoo sizes K for the conv nets (default: --zoo)")
+    parser.add_argument("--zoo-vmap", action="store_true",
+                        help="also time MLP zoos through vmap (StackedNets.fast_chain = False), as before issue 18's "
+                             "second round")
+    parser.add_argument("--variants", nargs="*", default=["cli", "lightning", "auto", "before"],
+                        choices=["cli", "lightning", "auto", "before"],
+                        help="module variants of the fp32 ratio table besides hand and module")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--accuracy-epochs", type=int, default=0,
                         help="also train full epochs fp32 vs bf16-mixed + channels_last and compare test accuracy")

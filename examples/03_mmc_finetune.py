@@ -1,20 +1,17 @@
-"""Mechanistic mode connectivity (MMC, seed 000) on Fashion-MNIST with the box cue, through the shipped configs.
+# %% [markdown]
+# # Mechanistic mode connectivity (MMC, seed 000) on Fashion-MNIST with the box cue
+# Per seed: train a cue model (80% of each class carries its label's box) and a no-cue model (clean data)
+# (``configs/mmc/fmnist_box_cue.yaml``), fine-tune the cue model with FT, LP, LP-FT and CBFT
+# (``configs/mmc/fmnist_finetune.yaml``) and report test accuracy on the four counterfactual sets (clean, cue,
+# rand_cue, rand_image); evaluate the linear path from the no-cue model (t=0) to the cue model (t=1) on the four sets
+# (``configs/mmc/fmnist_lmc.yaml``). Writes ``results.json``, ``table.md`` and ``lmc_seed<k>.png`` into ``LMC_OUT``.
+#
+# Environment: ``LMC_SEEDS`` (default ``0,1,2``; ``0`` with ``LMC_SUBSET``), ``LMC_EPOCHS`` (endpoint epochs,
+# default 2; fine-tuning runs the config's 20 unless it is smaller), ``LMC_SUBSET`` (training samples of the endpoints;
+# default all), ``LMC_OUT``. As a script: ``OMP_NUM_THREADS=1 python examples/03_mmc_finetune.py``.
 
-Per seed: train a cue model (80% of each class carries its label's box) and a no-cue model (clean data)
-(``configs/mmc/fmnist_box_cue.yaml``), fine-tune the cue model with FT, LP, LP-FT and CBFT
-(``configs/mmc/fmnist_finetune.yaml``) and report test accuracy on the four counterfactual sets (clean, cue,
-rand_cue, rand_image); evaluate the linear path from the no-cue model (t=0) to the cue model (t=1) on the four sets
-(``configs/mmc/fmnist_lmc.yaml``). Writes ``results.json``, ``table.md`` and ``lmc_seed<k>.png`` into ``LMC_OUT``.
-
-Environment: ``LMC_SEEDS`` (default ``0,1,2``; ``0`` with ``LMC_SUBSET``), ``LMC_EPOCHS`` (endpoint epochs,
-default 2; fine-tuning runs the config's 20 unless it is smaller), ``LMC_SUBSET`` (training samples of the endpoints;
-default all), ``LMC_OUT``.
-
-    OMP_NUM_THREADS=1 python examples/03_mmc_finetune.py
-"""
-
-from __future__ import annotations
-
+# %%
+# %matplotlib inline
 import json
 import os
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lmc_lightning.cli import main
+from lmc_lightning.plots import plot_bars, plot_result
 
 SUBSET = os.environ.get("LMC_SUBSET")
 SEEDS = [int(s) for s in os.environ.get("LMC_SEEDS", "0" if SUBSET else "0,1,2").split(",")]
@@ -33,6 +31,7 @@ SETS = ("clean", "cue", "rand_cue", "rand_image")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+# %% The steps: endpoints, fine-tuning, the linear path (each one `lmc` command).
 def base_args(batch_size: int = 256, val: int = 5000) -> str:
     args = {"root": "data", "batch_size": batch_size, "val_split": val}
     if SUBSET:
@@ -78,12 +77,16 @@ def finetune(seed: int, cue: Path, method: str | None) -> dict[str, float]:
     return {s: float(cli.trainer.callback_metrics[f"test/{s}/acc"]) for s in SETS}
 
 
+LMC_RESULTS: dict = {}
+
+
 def lmc(seed: int, nocue: Path, cue: Path) -> dict:
     name = f"lmc_seed{seed}"
     cli = main(["test", "--config", str(CONFIGS / "fmnist_lmc.yaml"), "--model.init_args.endpoints",
                 f"[{nocue},{cue}]", "--data.init_args.base_args", base_args(val=0), *logger(name), *QUIET])
     result = cli.model.result
     result.plot(OUT / f"lmc_seed{seed}.png", title=f"no-cue (t=0) to cue (t=1) model, seed {seed}")
+    LMC_RESULTS[seed] = result
     return {s: {"accuracy": part.accuracy.tolist(), **part.barriers()} for s, part in result.sets.items()}
 
 
@@ -96,15 +99,23 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for seed in SEEDS:
-        cue, nocue = endpoint(seed, 0.8), endpoint(seed, 0.0)
-        tuned = {"cue model": finetune(seed, cue, None)}
-        tuned.update({m: finetune(seed, cue, m) for m in METHODS})
-        results[str(seed)] = {"finetune": tuned, "lmc": lmc(seed, nocue, cue)}
-        (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    text = table(results)
-    (OUT / "table.md").write_text(text)
-    print(text)
+# %% Run every seed (results.json is rewritten after each).
+OUT.mkdir(parents=True, exist_ok=True)
+results = {}
+for seed in SEEDS:
+    cue, nocue = endpoint(seed, 0.8), endpoint(seed, 0.0)
+    tuned = {"cue model": finetune(seed, cue, None)}
+    tuned.update({m: finetune(seed, cue, m) for m in METHODS})
+    results[str(seed)] = {"finetune": tuned, "lmc": lmc(seed, nocue, cue)}
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+
+# %% Test accuracy (%) per counterfactual set, mean ± std over the seeds.
+text = table(results)
+(OUT / "table.md").write_text(text)
+print(text)
+mean = {s: [100 * np.mean([results[str(k)]["finetune"][m][s] for k in SEEDS]) for m in ("cue model", *METHODS)]
+        for s in SETS}
+plot_bars(mean, ["cue model", *METHODS], "test accuracy (%)", "accuracy per counterfactual set after fine-tuning")
+
+# %% The linear path from the no-cue model (t=0) to the cue model (t=1), per set (the first seed).
+plot_result(LMC_RESULTS[SEEDS[0]], title=f"no-cue (t=0) to cue (t=1) model, seed {SEEDS[0]}")

@@ -2,7 +2,7 @@
 
 The scripts are the source (reviewable diffs); ``python examples/build_notebooks.py`` converts each with jupytext and
 executes it with nbclient in a fresh kernel, keeping outputs and figures. Settings come from the environment
-(``LMC_EPOCHS``, ``LMC_SUBSET``, ``LMC_POINTS``, ``LMC_MODELS``; recorded in each notebook's metadata).
+(``LMC_EPOCHS``, ``LMC_SUBSET``, ... : the variables in ``SETTINGS``, recorded in each notebook's metadata).
 ``tests/test_examples.py`` checks that every notebook holds exactly its script's cells, and runs each on tiny settings.
 
     python examples/build_notebooks.py [NAME ...]     # needs the dev extra: pip install -e '.[dev]'
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("LMC_EPOCHS", "LMC_SUBSET", "LMC_POINTS", "LMC_MODELS")
+SETTINGS = ("LMC_EPOCHS", "LMC_SUBSET", "LMC_POINTS", "LMC_MODELS", "LMC_SEEDS", "LMC_PAIRS", "LMC_RECIPES",
+            "LMC_TEST", "LMC_BN_BATCHES")
 
 
 def scripts() -> list[Path]:

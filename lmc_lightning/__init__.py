@@ -18,6 +18,8 @@ _EXPORTS = {
     "PathResult": "lmc_lightning.weights.result",
     "align": "lmc_lightning.weights.permutation",
     "align_many": "lmc_lightning.weights.permutation",
+    "EquivalenceError": "lmc_lightning.weights.permutation",
+    "renormalize": "lmc_lightning.weights.renorm",
     "Linear": "lmc_lightning.weights.paths",
     "Arc": "lmc_lightning.weights.paths",
     "Bezier": "lmc_lightning.weights.curves",
@@ -31,6 +33,7 @@ _EXPORTS = {
     "ConnectorModule": "lmc_lightning.modules",
     "InterpolationModule": "lmc_lightning.modules",
     "MergeModule": "lmc_lightning.modules",
+    "PruneModule": "lmc_lightning.modules",
     "Simplex": "lmc_lightning.weights.simplex",
     "PairModule": "lmc_lightning.modules",
     "CurveModule": "lmc_lightning.modules",
@@ -45,7 +48,8 @@ _EXPORTS = {
     "main": "lmc_lightning.cli",
 }
 
-_SUBPACKAGES = ("callbacks", "checkpoint", "cli", "data", "io", "metrics", "modules", "nets", "plots", "weights")
+_SUBPACKAGES = ("callbacks", "checkpoint", "cli", "data", "io", "metrics", "modules", "nets", "plots", "prune",
+                "stitching", "weights")
 """Imported on first access, so ``import lmc_lightning; lmc_lightning.nets.available()`` works."""
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

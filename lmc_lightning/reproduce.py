@@ -32,7 +32,15 @@ Statistics of a step that wrote ``{dir}/path.json`` (a path module's ``lmc test`
 ``endpoint_acc``/``endpoint_err`` (mean over the endpoints or corners), ``best_endpoint_acc``,
 ``interior_max_acc`` (best point that is not an endpoint), ``acc_start``/``acc_end``, ``min_acc``,
 ``max_err``, ``max_acc``, ``mean_acc``, ``mid_acc``/``mid_err`` (``t = 0.5`` or ``(0.5, 0.5)``), ``max_loss``,
-``mid_loss``, ``loss_barrier``, ``acc_barrier`` (points), and for surfaces ``ensemble_acc`` when evaluated.
+``mid_loss``, ``loss_barrier``, ``acc_barrier`` (points), and for surfaces ``ensemble_acc`` when evaluated. The
+endpoints are the ends of the evaluated range (a connector's ``t`` runs on ``[0, end_time]``). A result with
+named evaluation sets (MMC's ``clean``, ``cue``, ...; a connector's ``test`` and ``train``) also gives each set's
+figures prefixed by its name, e.g. ``rand_image_acc_start``, ``clean_loss_barrier``, ``train_max_err``.
+
+Statistics of a step's logged metrics (the newest ``metrics.csv`` of its CSV logger, any command): the last logged
+value of every column, named by the metric with each character other than letters, digits and ``_`` replaced by
+``_``, **as logged** (accuracies as fractions): ``test/rand_image/acc`` is ``test_rand_image_acc``,
+``test/stitch/penalty`` is ``test_stitch_penalty``. Path figures take precedence over a metric of the same name.
 
 ``lmc reproduce --list`` lists the experiments; ``lmc reproduce NAME`` runs one, prints each figure beside the
 published one with its source and PASS/FAIL, writes ``report.json`` and exits 0 when all checks pass, 1 when one
@@ -42,8 +50,10 @@ fails, 2 when a step fails; ``--print_config`` only validates every step's confi
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -210,9 +220,20 @@ def path_statistics(path_json: Path) -> dict[str, float]:
     """Figures of a path/surface evaluation (``path.json``), accuracies in percent (see the module docstring)."""
     d = json.loads(Path(path_json).read_text())
     coords = np.asarray(d["coords"], dtype=float).reshape(len(d["loss"]), -1)
+    stats = _curve_statistics(coords, d)
+    ensemble = (d.get("meta") or {}).get("ensemble")
+    if isinstance(ensemble, dict) and "accuracy" in ensemble:
+        stats["ensemble_acc"] = 100 * float(ensemble["accuracy"])
+    for name, part in (d.get("sets") or {}).items():
+        stats.update({f"{_identifier(name)}_{k}": v for k, v in _curve_statistics(coords, part).items()})
+    return stats
+
+
+def _curve_statistics(coords: np.ndarray, d: dict[str, Any]) -> dict[str, float]:
+    """The figures of one evaluation set: ``d`` holds ``loss``, ``accuracy`` and optionally the barriers."""
     loss = np.asarray([np.nan if v is None else v for v in d["loss"]], dtype=float)
     acc = 100 * np.asarray([np.nan if v is None else v for v in d["accuracy"]], dtype=float)
-    ends = np.all(np.isclose(coords, 0) | np.isclose(coords, 1), axis=1)
+    ends = np.all(np.isclose(coords, coords.min(0)) | np.isclose(coords, coords.max(0)), axis=1)
     mid = int(np.argmin(np.abs(coords - 0.5).sum(1)))
     stats = {
         "endpoint_acc": float(acc[ends].mean()), "best_endpoint_acc": float(acc[ends].max()),
@@ -220,15 +241,36 @@ def path_statistics(path_json: Path) -> dict[str, float]:
         "acc_start": float(acc[0]), "acc_end": float(acc[-1]),
         "min_acc": float(np.nanmin(acc)), "max_acc": float(np.nanmax(acc)), "mean_acc": float(np.nanmean(acc)),
         "mid_acc": float(acc[mid]), "max_loss": float(np.nanmax(loss)), "mid_loss": float(loss[mid]),
-        "loss_barrier": float(d.get("loss_barrier") or np.nan),
-        "acc_barrier": 100 * float(d.get("accuracy_barrier") or np.nan),
+        "loss_barrier": _number(d.get("loss_barrier")),
+        "acc_barrier": 100 * _number(d.get("accuracy_barrier")),
     }
     stats["endpoint_err"] = 100 - stats["endpoint_acc"]
     stats["max_err"] = 100 - stats["min_acc"]
     stats["mid_err"] = 100 - stats["mid_acc"]
-    ensemble = (d.get("meta") or {}).get("ensemble")
-    if isinstance(ensemble, dict) and "accuracy" in ensemble:
-        stats["ensemble_acc"] = 100 * float(ensemble["accuracy"])
+    return stats
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; ``None`` (not computed) as NaN (a barrier of 0 stays 0)."""
+    return float("nan") if value is None else float(value)
+
+
+def _identifier(name: str) -> str:
+    """``name`` with every character other than letters, digits and ``_`` replaced by ``_``."""
+    return re.sub(r"\W", "_", name, flags=re.ASCII)
+
+
+def metric_statistics(folder: Path) -> dict[str, float]:
+    """The last logged value of every metric in the newest ``metrics.csv`` under ``folder`` (none: ``{}``)."""
+    found = sorted(Path(folder).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return {}
+    stats: dict[str, float] = {}
+    with found[-1].open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key and value not in (None, "") and key not in ("epoch", "step"):
+                    stats[_identifier(key)] = float(value)
     return stats
 
 
@@ -291,8 +333,11 @@ def run_experiment(exp: Experiment, out: Path, extra: Sequence[str] = (), force:
             log(f"[{exp.name}] {step.id}: lmc {shlex.join(argv)}")
             runner(argv)
             atomic_write_text(done, "")
+        found = metric_statistics(folder)
         if (folder / "path.json").exists():
-            stats[step.id] = path_statistics(folder / "path.json")
+            found.update(path_statistics(folder / "path.json"))
+        if found:
+            stats[step.id] = found
     namespace = {sid: SimpleNamespace(**s) for sid, s in stats.items()}
     rows = []
     for check in exp.checks:

@@ -15,6 +15,8 @@ after every optimiser step).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,16 +30,23 @@ LAYERS = ("identity", "affine", "lowrank", "lasso", "birkhoff", "softsort")
 
 
 # --------------------------------------------------------------------------------------------- permutation helpers
-def sinkhorn(a: Tensor, iters: int = 16) -> Tensor:
-    """Alternately divide the rows, then the columns, of a non-negative matrix by their sums (``iters`` rounds each).
+def sinkhorn_(a: Tensor, iters: int = 16) -> Tensor:
+    """Alternately divide the rows, then the columns, of a non-negative matrix by their sums (``iters`` rounds
+    each), in place; returns ``a``.
 
-    Zero sums are left alone (as in the seed), so an all-zero row or column stays zero.
+    Zero sums are left alone (as in the seed), so an all-zero row or column stays zero. Three kernels per half
+    round (sum, clamp, divide) and no temporaries beyond the sums.
     """
     tiny = torch.finfo(a.dtype).tiny  # a zero sum means an all-zero line: dividing it by ``tiny`` leaves it zero
     for _ in range(iters):
-        a = a / a.sum(dim=1, keepdim=True).clamp_min(tiny)
-        a = a / a.sum(dim=0, keepdim=True).clamp_min(tiny)
+        a.div_(a.sum(dim=1, keepdim=True).clamp_min_(tiny))
+        a.div_(a.sum(dim=0, keepdim=True).clamp_min_(tiny))
     return a
+
+
+def sinkhorn(a: Tensor, iters: int = 16) -> Tensor:
+    """:func:`sinkhorn_` on a copy of ``a`` (``a`` is left unchanged)."""
+    return sinkhorn_(a.clone(), iters)
 
 
 def hungarian(w: Tensor) -> Tensor:
@@ -52,6 +61,19 @@ def channel_map(x: Tensor, m: Tensor) -> Tensor:
     if x.dim() == 2:
         return x @ m.t()
     return torch.einsum("oc,nc...->no...", m.to(x.dtype), x)
+
+
+def _capture(fn: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph | None:
+    """Capture ``fn`` (in-place work on fixed tensors) into a CUDA graph; None if capture fails."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+    except RuntimeError as err:  # capture unsupported here (e.g. another capture under way): stay eager
+        warnings.warn(f"Birkhoff projection: CUDA graph capture failed ({err}); using the eager projection.",
+                      stacklevel=3)
+        return None
+    return graph
 
 
 # ------------------------------------------------------------------------------------------------ stitching layers
@@ -220,12 +242,14 @@ class Birkhoff(_Rounded):
         iters: Sinkhorn rounds of the projection (rows then columns, each round).
         init_iters: Sinkhorn rounds of the initialisation (100 in the seed).
         rms: Divide the penalty by sqrt(C) (the seed's ``rms`` option, off in its runs).
+        cuda_graph: On CUDA, run the projection as one captured CUDA graph (see :meth:`project`).
     """
 
     def __init__(self, channels: int, alpha: float = 0.1, iters: int = 16, init_iters: int = 100,
-                 rms: bool = False) -> None:
+                 rms: bool = False, cuda_graph: bool = True) -> None:
         super().__init__()
-        self.alpha, self.iters, self.rms = alpha, iters, rms
+        self.alpha, self.iters, self.rms, self.cuda_graph = alpha, iters, rms, cuda_graph
+        self._graph: tuple[tuple, torch.cuda.CUDAGraph] | None = None
         self.weight = nn.Parameter(sinkhorn(torch.rand(channels, channels), init_iters))
         self.weight_scalars = nn.Parameter(torch.ones(channels))
         self.register_buffer("scalars_enabled", torch.tensor(False))
@@ -253,11 +277,36 @@ class Birkhoff(_Rounded):
         return -self.alpha * (norm / math.sqrt(self.weight.shape[0]) if self.rms else norm)
 
     @torch.no_grad()
-    def project(self) -> None:
-        """``W <- sinkhorn(relu(W))``, ``s <- relu(s)``."""
-        self.weight.copy_(sinkhorn(self.weight.clamp_min(0), self.iters))
+    def _project_(self) -> None:
+        self.weight.clamp_(min=0)
+        sinkhorn_(self.weight, self.iters)
         self.weight_scalars.clamp_(min=0)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """``W <- sinkhorn(relu(W))``, ``s <- relu(s)``, in place.
+
+        On CUDA with ``cuda_graph`` the ~100 small kernels of the 16 rounds are captured once into a CUDA graph on
+        W's and s's storage and replayed as one launch (the same kernels, so the same result); the graph is
+        captured again when the parameters move, and the eager form is used if capture fails.
+        """
+        w = self.weight
+        if not (self.cuda_graph and w.is_cuda):
+            self._project_()
+        else:
+            key = (w.data_ptr(), self.weight_scalars.data_ptr(), tuple(w.shape), w.dtype, w.device, self.iters)
+            if self._graph is not None and self._graph[0] == key:
+                self._graph[1].replay()
+            else:
+                self._project_()  # this step eagerly; it also warms the kernels up for the capture
+                graph = _capture(self._project_, w.device)
+                self._graph = None if graph is None else (key, graph)
+                self.cuda_graph = graph is not None
         self._cached = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy without the CUDA graph (captured again on first use)."""
+        return {**self.__dict__, "_graph": None}
 
 
 class SoftSort(_Rounded):

@@ -119,15 +119,17 @@ _CPU_CHILD = "LMC_TEST_CPU_DDP_CHILD"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> None:
-    """Run ``cpu_ddp`` tests in a child pytest that cannot see a GPU, where one is present.
+    """Run ``cpu_ddp`` tests in a child pytest with one OpenMP thread that cannot see a GPU.
 
-    Multi-process CPU DDP forks (or spawns) gloo workers; in a process that has initialised CUDA, forking is unsafe
-    and the workers crashed (SIGSEGV) on a GPU machine. In the child (``CUDA_VISIBLE_DEVICES=""``) the test runs
-    exactly as on a CPU-only machine. Without CUDA the test runs in this process, as usual.
+    Multi-process CPU DDP forks gloo workers. A fork is unsafe once the parent has run OpenMP-parallel ops (the workers
+    died with SIGSEGV in a multi-threaded tensor op on a 16-core GPU machine; they pass with ``OMP_NUM_THREADS=1``)
+    or has initialised CUDA. The child (``OMP_NUM_THREADS=1``, ``CUDA_VISIBLE_DEVICES=""``) runs the test exactly as
+    on a small CPU-only machine, on every host.
     """
-    if item.get_closest_marker("cpu_ddp") is None or os.environ.get(_CPU_CHILD) or not torch.cuda.is_available():
+    if item.get_closest_marker("cpu_ddp") is None or os.environ.get(_CPU_CHILD):
         return
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", _CPU_CHILD: "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           _CPU_CHILD: "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", item.nodeid],
                           cwd=item.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:

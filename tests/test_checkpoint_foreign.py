@@ -90,7 +90,7 @@ def test_cli_key_map_on_path_module(tmp_path: Path, fake_fmnist_root: Path) -> N
                 "--model.key_map", "dc_linear_one_layer", "--model.num_points", "3",
                 "--model.output_dir", str(tmp_path / "out"), "--data", "FashionMNISTDataModule",
                 "--data.root", str(fake_fmnist_root), "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(tmp_path)])
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"])  # fp32, as `direct`
     x, y = cli.datamodule.split_tensors("test")
     with torch.no_grad():
         direct = nn.functional.cross_entropy(_mlp(width=16, seed=0)(x), y).item()

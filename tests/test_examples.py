@@ -15,7 +15,8 @@ SCRIPTS = build_notebooks.scripts()
 
 
 # Scripts whose executed notebook is shipped (a script added later gets one with build_notebooks.py NAME).
-EXECUTED = ("01_endpoints_and_barrier", "02_align_repair_curve", "03_zoo_barrier_matrix", "04_curves_and_surfaces")
+EXECUTED = ("01_endpoints_and_barrier", "02_align_repair_curve", "03_mmc_finetune", "03_rebasin_renorm",
+            "03_zoo_barrier_matrix", "04_curves_and_surfaces", "05_distribution_connectors")
 
 
 def test_every_script_has_its_executed_notebook_in_sync() -> None:
@@ -32,9 +33,11 @@ def test_every_script_has_its_executed_notebook_in_sync() -> None:
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(c.get("execution_count") for c in code), f"{notebook.name} is not executed"
         assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
-    figures = [o for s in EXECUTED for c in nbformat.read(EXAMPLES / f"{s}.ipynb", as_version=4).cells
-               if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert figures, "the notebooks show no figure"
+    for stem in set(EXECUTED) - {"03_zoo_barrier_matrix"}:  # the zoo notebook prints its matrix as a table
+        cells = nbformat.read(EXAMPLES / f"{stem}.ipynb", as_version=4).cells
+        figures = [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if "image/png" in o.get("data", {})]
+        assert figures, f"{stem}.ipynb shows no figure"
 
 
 @pytest.mark.slow

@@ -246,13 +246,13 @@ def test_bare_import_reaches_the_subpackages() -> None:
 
 def test_path_test_logs_a_summary_a_figure_and_shows_progress(trained, fake_fmnist_root: Path, tmp_path: Path,
                                                              capsys) -> None:
-    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, a bar over the points."""
+    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, bars over matching and points."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = ["test", "--model", "InterpolationModule", "--model.endpoints", f"[{trained[0]},{trained[1]}]",
             "--model.num_points", "5", "--data", "FashionMNISTDataModule", "--data.root", str(fake_fmnist_root),
             "--trainer.logger", "TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.accelerator", "cpu"]
+            "--trainer.accelerator", "cpu", "--model.align", "weight"]
     cli = main(args)
     metrics = set(cli.trainer.callback_metrics)
     assert metrics == {f"barrier/{n}" for n in ("loss", "accuracy", "loss_mean", "accuracy_mean")} | {
@@ -260,6 +260,9 @@ def test_path_test_logs_a_summary_a_figure_and_shows_progress(trained, fake_fmni
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert "path" in events.Tags()["images"]
-    assert "InterpolationModule: test points" in capsys.readouterr().err  # the bar over the 5 points
+    err = capsys.readouterr().err
+    assert "InterpolationModule: test points" in err  # the bar over the 5 points
+    assert re.search(r"InterpolationModule: weight matching: [0-9]+round", err)  # and one over matching rounds
     main([*args, "--trainer.enable_progress_bar", "false"])
-    assert "test points" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "test points" not in err and "weight matching:" not in err

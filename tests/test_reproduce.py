@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from lmc_lightning.cli import main, run
-from lmc_lightning.reproduce import EXPERIMENTS, Check, Experiment, list_experiments, path_statistics
+from lmc_lightning.reproduce import EXPERIMENTS, Check, Experiment, list_experiments, metric_statistics, path_statistics
 
 TINY = {
     "title": "tiny chain",
@@ -78,12 +79,58 @@ def test_bad_entries_are_clear_errors(tmp_path: Path, capsys) -> None:
     assert check.judge(8.2) and not check.judge(8.3) and not check.judge(float("nan"))
 
 
+def test_connector_chain_reads_logged_metrics_and_the_path_range(tmp_path: Path, fake_fmnist_root: Path) -> None:
+    """A connector step (t on [0, 2]) and its metrics.csv: endpoints are t = 0 and t = 2, logged metrics are named."""
+    connect = {"id": "wa", "command": "test", "config": "configs/connect/fmnist_mlp1_connect.yaml",
+               "args": ["--model.endpoints", "[{ckpt:mode0},{ckpt:mode1}]", "--model.finder", "with_bias_wa",
+                        "--model.method", "lin", "--model.num_points", "5", "--model.wa_samples", "128",
+                        "--model.output_dir", "{dir}", "--trainer.enable_progress_bar", "false"]}
+    spec = {**TINY, "steps": [TINY["steps"][0], connect], "checks": [
+        {"name": "max error from the path", "value": "wa.max_err - (100 - 100 * wa.summary_test_accuracy_min)",
+         "published": 0.0, "tolerance": {"abs": 1e-3}, "source": "test"}]}
+    root, out = tmp_path / "experiments", tmp_path / "out"
+    _write(root, spec)
+    assert main(["reproduce", "tiny/chain", "--root", str(root), "--out", str(out), "--", "--data.root",
+                 str(fake_fmnist_root)]) == 0
+    stats = json.loads((out / "report.json").read_text())["statistics"]["wa"]
+    path = json.loads((out / "wa" / "path.json").read_text())
+    assert path["coords"][-1] == [2.0]
+    acc = path["accuracy"]
+    assert stats["endpoint_acc"] == pytest.approx(50 * (acc[0] + acc[-1]))  # t = 1 is not an endpoint
+    assert stats["train_acc_end"] == pytest.approx(100 * path["sets"]["train"]["accuracy"][-1])
+
+
+def test_statistics_of_sets_metrics_and_zero_barriers(tmp_path: Path) -> None:
+    sets = {"clean": {"loss": [0.5, 0.4, 0.3], "accuracy": [0.8, 0.9, 0.7], "loss_barrier": 0.0,
+                      "accuracy_barrier": 0.0},
+            "rand_image": {"loss": [2.3, 1.9, 1.5], "accuracy": [0.1, 0.3, 0.5], "loss_barrier": None,
+                           "accuracy_barrier": None}}
+    (tmp_path / "path.json").write_text(json.dumps({"coords": [[0.0], [0.5], [1.0]], **sets["clean"], "sets": sets}))
+    stats = path_statistics(tmp_path / "path.json")
+    assert stats["loss_barrier"] == 0.0 and stats["clean_loss_barrier"] == 0.0  # not "missing"
+    assert stats["rand_image_acc_start"] == pytest.approx(10.0) and stats["rand_image_acc_end"] == pytest.approx(50.0)
+    assert stats["clean_max_err"] == pytest.approx(30.0) and stats["rand_image_mid_acc"] == pytest.approx(30.0)
+    assert np.isnan(stats["rand_image_loss_barrier"])
+    logs = tmp_path / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("epoch,step,train/loss,test/rand_image/acc,test/stitch/penalty\n"
+                                      "0,9,0.7,,\n1,19,0.5,,\n1,19,,0.355,0.12\n")
+    assert metric_statistics(tmp_path) == {"train_loss": 0.5, "test_rand_image_acc": 0.355,
+                                           "test_stitch_penalty": 0.12}
+    assert metric_statistics(tmp_path / "lightning_logs" / "none") == {}
+
+
 SHIPPED = list(list_experiments(EXPERIMENTS))
+SEEDS = ("000_mmc", "001_mcsurface", "002_distribution_connectors", "003_modelsym", "004_rethink_rebasin",
+         "garipov_curves")
 
 
 def test_every_seed_has_entries() -> None:
-    seeds = {name.split("/")[0] for name in SHIPPED}
-    assert {"001_mcsurface", "004_rethink_rebasin", "garipov_curves"} <= seeds
+    for seed in SEEDS:  # a CPU entry on Fashion-MNIST and one on the seed's own data
+        data = [Experiment.from_yaml(list_experiments(EXPERIMENTS)[n], n).data for n in SHIPPED
+                if n.startswith(f"{seed}/")]
+        assert any(d.startswith("Fashion-MNIST") for d in data), seed
+        assert any(not d.startswith("Fashion-MNIST") for d in data), seed
     for name, path in list_experiments(EXPERIMENTS).items():
         exp = Experiment.from_yaml(path, name)
         assert exp.checks and all(c.source for c in exp.checks), name

@@ -119,3 +119,40 @@ def test_birkhoff_stitch_gradients_reach_only_the_stitcher() -> None:
     loss = s(torch.randn(4, 1, 28, 28)).sum() + s.stitcher.penalty()
     loss.backward()
     assert s.stitcher.weight.grad is not None and s.stitcher.weight.grad.abs().sum() > 0
+
+
+def _seed_projection(w: torch.Tensor, s: torch.Tensor, iters: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's projection written out plainly: relu, then ``iters`` out-of-place row / column normalisations."""
+    w = w.clamp_min(0)
+    for _ in range(iters):
+        rows = w.sum(1, keepdim=True)
+        w = w / torch.where(rows > 0, rows, torch.ones_like(rows))
+        cols = w.sum(0, keepdim=True)
+        w = w / torch.where(cols > 0, cols, torch.ones_like(cols))
+    return w, s.clamp_min(0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the CUDA-graph projection)"))])
+def test_fast_projection_equals_the_plain_one(device: str) -> None:
+    torch.manual_seed(0)
+    bk = Birkhoff(64).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for _ in range(5):  # several "optimiser steps": on CUDA the first is eager + capture, the rest replay
+        with torch.no_grad():
+            bk.weight.add_(0.05 * torch.randn(64, 64, generator=gen).to(device))
+            bk.weight[3] = -1.0  # an all-negative row: relu zeroes it and it stays zero (the seed's zero-sum rule)
+            bk.weight_scalars.add_(torch.randn(64, generator=gen).to(device))
+        want_w, want_s = _seed_projection(bk.weight.detach().clone(), bk.weight_scalars.detach().clone())
+        ptr = bk.weight.data_ptr()
+        bk.project()
+        assert bk.weight.data_ptr() == ptr  # in place: optimiser state and graph keep pointing at W
+        torch.testing.assert_close(bk.weight.detach(), want_w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(bk.weight_scalars.detach(), want_s, atol=0, rtol=0)
+        assert bk.weight[3].abs().sum() == 0
+    if device == "cuda":
+        assert bk._graph is not None  # the projection ran as a captured graph
+        moved = copy.deepcopy(bk)  # the graph is not copied; the copy captures its own on its own storage
+        assert moved._graph is None
+        moved.project()
+        assert moved._graph is not None and moved._graph[0][0] == moved.weight.data_ptr()

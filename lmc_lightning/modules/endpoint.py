@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lmc_lightning.checkpoint import check_state_matches, load_weights, save_net
@@ -30,6 +35,30 @@ def build_net(net: str, num_classes: int, input_shape: tuple[int, int, int], net
         return get_net(net, num_classes=num_classes, in_channels=input_shape[0], input_size=input_shape[1], **kwargs)
 
 
+_BOOKKEEPING = frozenset({"_current_fx_name", "_current_dataloader_idx"})
+
+UPDATE_HOOKS = ("backward", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+"""Hooks that Lightning calls around a manual update: when neither the module nor a callback overrides them, the
+update runs without Lightning's layers (:func:`direct_update_ok`)."""
+
+
+def direct_update_ok(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
+    """Whether ``loss.backward(); optimizer.step()`` is exactly what ``manual_backward`` and Lightning's optimiser
+    step would do: a single-device strategy and precision plugin that add nothing to backward and step (fp32,
+    fp64, bf16-mixed, ``*-true``; not ``16-mixed``'s gradient scaler), and no override of :data:`UPDATE_HOOKS` by
+    the module or a callback."""
+    strategy, plugin = type(trainer.strategy), trainer.precision_plugin
+    if any(getattr(strategy, name) is not getattr(Strategy, name)
+           for name in ("backward", "pre_backward", "post_backward", "optimizer_step")):
+        return False
+    base = MixedPrecision if isinstance(plugin, MixedPrecision) and plugin.scaler is None else Precision
+    if any(getattr(type(plugin), name) is not getattr(base, name)
+           for name in ("pre_backward", "backward", "post_backward", "optimizer_step")):
+        return False
+    return not any(is_overridden(hook, module, pl.LightningModule) for hook in UPDATE_HOOKS) and not any(
+        is_overridden(hook, callback, Callback) for callback in trainer.callbacks for hook in UPDATE_HOOKS[1:])
+
+
 class EndpointModule(LMCModule):
     """Train a single classifier, or a zoo of ``num_models`` classifiers in one run.
 
@@ -44,9 +73,10 @@ class EndpointModule(LMCModule):
     in the order (and augmentation stream) that data seed ``data.seed + k`` gives, so it is the run
     ``--model.seed {seed+k} --data.seed {data.seed+k}`` (when the data seed only orders the data: no ``val_split``,
     ``subset_mode="first"``). All members train together: ``self.net`` is a
-    :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights through ``torch.func.vmap``, BatchNorm
-    statistics per member), the loss is the sum of the members' mean losses and one element-wise optimiser steps
-    them all (exactly as one optimiser per member; do not clip gradients by global norm). Logged metrics are the
+    :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights through ``torch.func.vmap``, or
+    broadcast matrix products for Flatten/Linear/ReLU chains such as ``mlp``; BatchNorm statistics per member),
+    the loss is the sum of the members' mean losses and one element-wise optimiser steps them all (exactly as one
+    optimiser per member; do not clip gradients by global norm). Logged metrics are the
     mean over members plus each member's under a ``_kk`` suffix (``val/acc_03``). Under DDP every rank holds all
     members and a share of each member's data (data split across ranks). Checkpoints: the Lightning checkpoint
     holds the stacked weights (``load_net(ckpt, index=k)``); at the end of every training epoch each member is also
@@ -76,6 +106,10 @@ class EndpointModule(LMCModule):
             it are not trained (see :func:`freeze_until`); e.g. the intertwiner sanity test retrains the layers after a
             transformed one. ``init`` and ``freeze`` need ``num_models=1``.
     """
+
+    direct_update: bool = True
+    """Class setting: False sends every manual update through ``manual_backward`` and Lightning's optimiser wrapper
+    (for comparisons; the update is the same)."""
 
     def __init__(
         self,
@@ -109,6 +143,7 @@ class EndpointModule(LMCModule):
         self.val_totals = ClassificationTotals(num_models)
         self.test_totals = ClassificationTotals(num_models)
         self._zoo_batches: ZooBatches | None = None
+        self._update_plan: tuple[Any, Any, bool] | None = None
         self._automatic_optimization = False  # see automatic_optimization
         if (init is not None or freeze is not None) and num_models != 1:
             raise ValueError("init and freeze apply to a single network: use num_models=1.")
@@ -133,6 +168,14 @@ class EndpointModule(LMCModule):
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Lightning's per-hook bookkeeping attributes (set twice per hook call, about 30 times a step) skip
+        ``nn.Module.__setattr__``'s parameter/module/buffer checks: they are never any of those."""
+        if name in _BOOKKEEPING:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def is_zoo(self) -> bool:
@@ -198,12 +241,27 @@ class EndpointModule(LMCModule):
         return loss
 
     def _update(self, loss: Tensor) -> None:
-        """One optimiser step and the step-wise schedule (manual optimisation)."""
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
+        """One optimiser step and the step-wise schedule (manual optimisation).
+
+        Where nothing hooks into the update (see :func:`direct_update_ok`), ``loss.backward()`` and the optimiser's
+        own ``step`` run directly, counted as Lightning counts them (``global_step``, profiler), without the
+        strategy's and precision plugin's layers of empty hooks; otherwise through ``manual_backward`` and
+        Lightning's optimiser wrapper. Both are the same update, bit for bit.
+        """
+        if self._update_plan is None:  # once per fit (reset in on_train_start)
+            self._update_plan = (self.optimizers(), self.lr_schedulers(),
+                                 self.direct_update and direct_update_ok(self.trainer, self))
+        optimizer, scheduler, direct = self._update_plan
+        if direct:
+            optimizer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer._on_before_step()  # Lightning's step counting (global_step) and profiler section
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
 
@@ -245,6 +303,10 @@ class EndpointModule(LMCModule):
 
     # Zoo data and member checkpoints --------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        """Choose the update path of this fit (see :meth:`_update`)."""
+        self._update_plan = None
+
     def on_train_epoch_start(self) -> None:
         """Zoo: draw every member's data order for this epoch."""
         if not self.is_zoo:
@@ -264,6 +326,7 @@ class EndpointModule(LMCModule):
     def on_fit_end(self) -> None:
         super().on_fit_end()
         self._zoo_batches = None
+        self._update_plan = None
 
     def member_dir(self) -> Path:
         """Folder of the per-member checkpoints: the ``ModelCheckpoint`` folder, else ``<default_root_dir>/zoo``."""

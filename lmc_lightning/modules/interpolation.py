@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lmc_lightning.checkpoint import save_net
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, rank_info
+from lmc_lightning.progress import align_progress
 from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.permutation import align_weights
@@ -133,7 +134,9 @@ class InterpolationModule(PathModule):
             data = None
             if self.align != "weight":
                 data = seeded_subset(self._datamodule().split_tensors("train"), self.align_samples)
-            theta_b, _ = align_weights(self.net, thetas[0], thetas[1], method=self.align, data=data, device=device)
+            with align_progress(self._trainer, self.align, "InterpolationModule") as progress:
+                theta_b, _ = align_weights(self.net, thetas[0], thetas[1], method=self.align, data=data,
+                                           device=device, progress=progress)
             aligned = as_weight_dict(theta_b)
         if world > 1:
             aligned = self.trainer.strategy.broadcast(aligned, src=0)

@@ -13,6 +13,7 @@ from lmc_lightning.checkpoint import save_net
 from lmc_lightning.io import atomic_write_text
 from lmc_lightning.modules.base import OptimConfig
 from lmc_lightning.modules.path import BNMode, PathModule, WeightDict, as_weight_dict, evaluate_on_ranks, rank_info
+from lmc_lightning.progress import align_progress
 from lmc_lightning.weights.evaluate import seeded_subset
 from lmc_lightning.weights.paths import Linear, Path
 from lmc_lightning.weights.permutation import ORDERS, align_many_weights
@@ -42,8 +43,9 @@ class MergeModule(PathModule):
         merge_weights: Barycentric weights of the merge (one per endpoint, summing to 1); ``None``: uniform.
         save_merged: Where to write the merged network (``None``: ``merged.ckpt`` in the output folder).
         num_points: Points per edge of the simplex grid (``num_points * (num_points + 1) / 2`` points for N = 3).
-        bn: Statistics of the merged model: ``"reset"`` (BN reset), ``"repair"`` / ``"rescale"`` (toward the weighted
-            endpoint statistics, :func:`~lmc_lightning.weights.simplex.renormalize_average`) or ``None``. The
+        bn: Statistics of the merged model: ``"reset"`` (BN reset), ``"repair"`` / ``"rescale"`` / ``"reshift"`` /
+            ``"rescale_centered"`` (toward the weighted endpoint statistics,
+            :func:`~lmc_lightning.weights.simplex.renormalize_average`) or ``None``. The
             simplex grid gets a BN reset for every mode but ``None`` when the net has BatchNorm (REPAIR over a whole
             simplex is not offered), nothing otherwise.
         bn_batches: Batches of training data for the statistics.
@@ -124,8 +126,9 @@ class MergeModule(PathModule):
             data = None
             if self.align != "weight":
                 data = seeded_subset(self._datamodule().split_tensors("train"), self.align_samples)
-            result = align_many_weights(self.net, thetas, method=self.align, order=self.order, data=data,
-                                        device=device)
+            with align_progress(self._trainer, self.align, "MergeModule") as progress:
+                result = align_many_weights(self.net, thetas, method=self.align, order=self.order, data=data,
+                                            device=device, progress=progress)
             aligned = [as_weight_dict(t) for t in result.weights]
             rank_zero_info(f"MergeModule: aligned {len(thetas)} endpoints by {self.align} matching, {self.order} "
                            f"order ({result.rounds} round(s)).")

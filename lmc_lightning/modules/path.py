@@ -8,12 +8,10 @@ and ``path.csv``, ``path.json`` and ``path.png`` are written into the run's log 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, ClassVar, Literal
 
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 from lmc_lightning.checkpoint import check_state_matches, load_weights
 from lmc_lightning.modules.base import LMCModule, OptimConfig
 from lmc_lightning.nets import get_net
+from lmc_lightning.progress import progress_bar
 from lmc_lightning.weights.evaluate import evaluate_path
 from lmc_lightning.weights.paths import Path, check_compatible
 from lmc_lightning.weights.renorm import RenormOptions
@@ -416,7 +415,7 @@ class PathModule(LMCModule):
             raise RuntimeError(f"{type(self).__name__}: no path yet; it is built in setup().")
         data, train = self.evaluation_data(split)
         coords = self.eval_coords()
-        with point_progress(self._trainer, len(coords), f"{type(self).__name__}: {split} points") as progress:
+        with progress_bar(self._trainer, len(coords), f"{type(self).__name__}: {split} points") as progress:
             return evaluate_on_ranks(
                 self.path, self.net, data, self.trainer, coords=coords, bn=self.bn,
                 train_data=train, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
@@ -460,24 +459,6 @@ class PathModule(LMCModule):
             self.log(name, value, sync_dist=False)  # already identical on every rank
         if self._trainer is not None and self.trainer.is_global_zero and self.trainer.loggers:
             log_figure(self.trainer.loggers, result.figure(title=type(self).__name__), "path", self.global_step)
-
-
-@contextlib.contextmanager
-def point_progress(trainer: Any, total: int, desc: str) -> Iterator[Callable[[int], Any] | None]:
-    """A progress bar over evaluated points, on rank zero while the trainer shows progress bars (``None`` else).
-
-    Lightning's own bars are tqdm bars; this one is too, so ``--trainer.enable_progress_bar false`` turns both off.
-    """
-    if trainer is None or trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="point", dynamic_ncols=True, leave=True, file=sys.stderr)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
 
 
 def log_figure(loggers: Sequence[Any], figure: Any, tag: str, step: int = 0) -> list[str]:

@@ -65,7 +65,9 @@ class StitchModule(LMCModule):
         tau: Temperature of ``softsort``.
         warmup_epochs: ``birkhoff``: epochs with the scalars off before they are switched on (the seed: 10 of 20).
         bn_epoch: Run the no-grad BN pass before each validation/test (the seed's ``--bn_epoch``).
-        bn_batches: Training batches of the BN pass; None: a whole epoch (the seed).
+        bn_batches: Training batches of the BN pass (per split); None: a whole epoch (the seed).
+        bn_splits: Splits of the BN pass, in order: ``["train"]`` (the seed), or ``["train", "val"]`` (the seed's
+            cross-validated variant before its test; the validation split in batches of the training batch size).
         prefix: Network submodule in the checkpoints (``"net"``, or ``["net_a", "net_b"]`` for one ``PairModule``
             checkpoint given twice).
         net: Architecture name for plain state dict endpoints.
@@ -90,6 +92,7 @@ class StitchModule(LMCModule):
         warmup_epochs: int = 10,
         bn_epoch: bool = True,
         bn_batches: int | None = None,
+        bn_splits: list[str] | None = None,
         prefix: str | list[str] = "net",
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
@@ -104,6 +107,9 @@ class StitchModule(LMCModule):
             raise ValueError(f"StitchModule needs two endpoints [a.ckpt, b.ckpt], got {len(endpoints)}.")
         if bn_batches is not None and bn_batches < 1:
             raise ValueError(f"bn_batches must be >= 1 or None (a whole epoch), got {bn_batches}.")
+        bn_splits = ["train"] if bn_splits is None else list(bn_splits)
+        if not bn_splits or set(bn_splits) - {"train", "val"}:
+            raise ValueError(f"bn_splits must be a non-empty list of 'train' and 'val', got {bn_splits}.")
         super().__init__(num_classes=num_classes, input_shape=input_shape,
                          optim=optim if optim is not None else OptimConfig(**SEED_OPTIM),
                          label_smoothing=label_smoothing)
@@ -111,12 +117,15 @@ class StitchModule(LMCModule):
         self.endpoints, self.point, self.kind = endpoints, point, layer
         self.layer_options = {"rank": rank, "lam": lam, "alpha": alpha, "iters": sinkhorn_iters, "tau": tau}
         self.warmup_epochs, self.bn_epoch, self.bn_batches = warmup_epochs, bn_epoch, bn_batches
+        self.bn_splits = bn_splits
         self.prefix, self.net_name, self.net_kwargs = prefix, net, dict(net_kwargs or {})
         self.stitched: nn.Module | None = None
         self.register_buffer("endpoint_acc", torch.full((2, 2), float("nan")))  # [val/test, a/b]
         self.acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.best_accuracy = float("-inf")
+        #: The stitcher's state at the best validation accuracy so far (``best_accuracy``).
+        self.best_stitcher: dict[str, Tensor] | None = None
         #: Stitch metrics of every validation, and (rounded layers) W's distance from a permutation per epoch.
         self.history: list[dict[str, float]] = []
         self.perm_history: list[dict[str, float]] = []
@@ -152,7 +161,7 @@ class StitchModule(LMCModule):
         layer = make_layer(self.kind, shapes[point][0], **self.layer_options)
         for p in [*net_a.parameters(), *net_b.parameters()]:
             p.requires_grad_(False)
-        self.stitched = stitch(net_a, net_b, point, layer).to(self.device)
+        self.stitched = stitch(net_a, net_b, point, layer).to(self.device).train()  # endpoints load in eval mode
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the stitched net."""
@@ -180,7 +189,10 @@ class StitchModule(LMCModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
-        """Birkhoff: scalars off during the warm-up epochs, on afterwards."""
+        """The whole stitched net in train mode (the seed's ``model.train()``: the frozen nets' BN layers use batch
+        statistics and update their running statistics; the endpoints load in eval mode and Lightning keeps module
+        modes); Birkhoff: scalars off during the warm-up epochs, on afterwards."""
+        self.stitched.train()
         if hasattr(self.stitcher, "scalars_on") and self.kind == "birkhoff":
             self.stitcher.scalars_on = self.current_epoch >= self.warmup_epochs
 
@@ -206,11 +218,19 @@ class StitchModule(LMCModule):
             self.log_dict({"stitch/perm_distance": dist["distance"], "stitch/row_max": dist["row_max"]})
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def _train_loader(self) -> Iterable:
+    def _bn_inputs(self) -> list[Tensor]:
+        """Input batches of one BN pass: ``bn_batches`` of each split in ``bn_splits``."""
         dm = self.trainer.datamodule
         if dm is None:
             raise ValueError("StitchModule's BN pass needs a datamodule (the training data).")
-        return dm.train_dataloader()
+        batches = []
+        for split in self.bn_splits:
+            if split == "train":
+                batches += [x for x, _ in _inputs(dm.train_dataloader(), self.device, self.bn_batches)]
+            else:
+                x = dm.split_tensors("val")[0].split(dm.batch_size)
+                batches += [b.to(self.device) for b in x[:self.bn_batches]]
+        return batches
 
     def _eval_loader(self, stage: str) -> Iterable:
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -245,7 +265,7 @@ class StitchModule(LMCModule):
 
     def _start(self, stage: str) -> None:
         # one draw of training batches serves every BN pass of this evaluation (endpoints, soft and hard stitch)
-        batches = [x for x, _ in _inputs(self._train_loader(), self.device, self.bn_batches)] if self.bn_epoch else []
+        batches = self._bn_inputs() if self.bn_epoch else []
         self._measure_endpoints(stage, batches)
         self._snapshot = self._state()
         self._soft = None
@@ -263,6 +283,8 @@ class StitchModule(LMCModule):
         self.acc.reset()
         ends = self.endpoint_acc[0 if stage == "val" else 1]
         mean_end = float(ends.mean())
+        if stage == "val" and acc > self.best_accuracy:
+            self.best_stitcher = {k: v.detach().clone() for k, v in self.stitcher.state_dict().items()}
         self.best_accuracy = max(self.best_accuracy, acc)
         logs = {"accuracy": acc, "penalty": mean_end - acc, "endpoint_acc_a": float(ends[0]),
                 "endpoint_acc_b": float(ends[1]), "best_accuracy": self.best_accuracy,

@@ -40,19 +40,36 @@ def kaiming_fan_out_(net: nn.Module) -> nn.Module:
     return net
 
 
+class Resize(nn.Module):
+    """Resize ``[B, C, H, W]`` to ``size x size`` (bilinear, antialiased, as ``transforms.Resize``); inputs of that
+    size pass unchanged. It acts on the spatial axes only (``spatial_only``: the permutation tracer keeps it a leaf
+    and passes the channels through)."""
+
+    spatial_only = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The resized images."""
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+
 class ResizeInput(nn.Module):
-    """Resize ``[B, C, H, W]`` inputs to ``size x size`` (bilinear, as ``transforms.Resize``) before ``model``."""
+    """Resize ``[B, C, H, W]`` inputs to ``size x size`` (:class:`Resize`) before ``model``."""
 
     def __init__(self, model: nn.Module, size: int) -> None:
         super().__init__()
         self.size = int(size)
+        self.resize = Resize(size)
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the resized images."""
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return self.model(x)
+        return self.model(self.resize(x))
 
 
 def _load_pretrained(net: nn.Module, weights: str) -> None:

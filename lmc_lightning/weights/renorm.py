@@ -11,8 +11,8 @@ may pass its own share of the data and the result is exact), and only then turne
   forward, as ``momentum=None`` does), written in place with ``copy_`` (module) or into a new weight dict.
 * :func:`renormalize` corrects the per-channel output statistics of every *site* of an interpolated net towards a
   goal, by default ``(1 - t) * stat_a + t * stat_b`` (:func:`interpolate_statistics`; N models with weights
-  ``alpha_i``: :func:`mix_statistics` and :func:`renormalize_to`). The modes, with ``mu``/``sigma`` the channel's
-  own mean and ``sqrt(var + eps)``:
+  ``alpha_i``: :func:`renormalize_mix`, built on :func:`mix_statistics` and :func:`renormalize_to`). The modes,
+  with ``mu``/``sigma`` the channel's own mean and ``sqrt(var + eps)``:
 
   - ``"repair"`` (Jordan et al., 2022): ``y' = (y - mu) / sigma * sigma_goal + mu_goal``;
   - ``"rescale"``, as in Qu & Horvath ("Rethink model re-basin and the linear mode connectivity", 2024; their
@@ -58,7 +58,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lmc_lightning.weights.fused import FusedBatchNorm
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 WeightDict = dict[str, Tensor]
 Stats = dict[str, tuple[Tensor, Tensor]]
@@ -757,6 +760,72 @@ def renormalize_to(
     return out
 
 
+class RenormKwargs(TypedDict, total=False):
+    """The keyword options that :func:`renormalize` and :func:`renormalize_mix` pass on to :func:`renormalize_to`
+    (see its Args): ``sites``, ``rule``, ``stacked``, ``average``, ``factor``, ``sequential``, ``statistics``,
+    ``eps``, ``sync``."""
+
+    sites: Sequence[Site] | None
+    rule: str | Sequence[str]
+    stacked: bool
+    average: bool
+    factor: float
+    sequential: bool
+    statistics: Statistics
+    eps: float
+    sync: bool | None
+
+
+def renormalize_mix(
+    net: nn.Module,
+    thetas: Sequence[Mapping[str, Tensor] | None],
+    theta: Mapping[str, Tensor] | None,
+    alpha: Sequence[float | Tensor] | None,
+    batches: Tensor | Iterable,
+    mode: Mode = "repair",
+    *,
+    endpoint_stats: Sequence[Stats] | None = None,
+    **options: Unpack[RenormKwargs],
+) -> WeightDict:
+    """Re-normalise ``theta`` towards ``sum_i alpha_i * stat_i``, the weighted site statistics of N endpoints (the
+    seed's ``repair(alpha_s=...)``; :func:`renormalize` is the case N = 2, ``alpha = (1 - t, t)``).
+
+    Args:
+        net: The network (structure; its own weights are used when ``theta`` is None). Not modified.
+        thetas: The endpoints' weights (entries may be None when ``endpoint_stats`` is given).
+        theta: Weights to correct, e.g. their average; with ``stacked``, ``P`` points along a leading dim.
+        alpha: One weight per endpoint (floats, or ``[P, 1]`` tensors for stacked goals); None: uniform.
+        batches: Input tensors (or ``(x, y)`` pairs) of training data on the net's device.
+        mode: ``"repair"``, ``"rescale"`` (the seed's, no centring), ``"reshift"`` or ``"rescale_centered"``.
+        endpoint_stats: :func:`site_statistics` of each endpoint, to reuse across calls.
+        **options: :class:`RenormKwargs`, as in :func:`renormalize_to`; ``statistics`` and ``eps`` also apply to the
+            endpoints' statistics, and the sites are traced with ``rule`` on ``theta`` when ``sites`` is None.
+
+    Returns:
+        A new weight dict (stacked if ``stacked``) with corrected weights and re-estimated BN statistics.
+    """
+    _check_mode(mode)
+    batches = _as_batches(batches)
+    sites = options.pop("sites", None)
+    rule = options.pop("rule", "auto")
+    if sites is None:
+        sites = find_sites(net, batches[0][:2], _first(theta, options.get("stacked", False)), rule)
+    if not sites:
+        raise ValueError(f"{type(net).__name__} has no hidden conv/linear layer to renormalise.")
+    if endpoint_stats is None:
+        missing = [i for i, th in enumerate(thetas) if th is None]
+        if missing:
+            raise ValueError(f"The weights of endpoint(s) {missing} are None (theta_a / theta_b for renormalize); "
+                             "give them, or their endpoint_stats.")
+        endpoint_stats = [site_statistics(net, batches, th, sites=sites, eps=options.get("eps", EPS),
+                                          sync=options.get("sync"), statistics=options.get("statistics", "pooled"))
+                          for th in thetas]
+    ref = next(iter(endpoint_stats[0].values()))[0]
+    alpha = None if alpha is None else [a.to(ref.device) if isinstance(a, Tensor) else a for a in alpha]
+    goal = mix_statistics([{s.name: st[s.name] for s in sites if s.name in st} for st in endpoint_stats], alpha)
+    return renormalize_to(net, theta, goal, batches, mode, sites=sites, **options)
+
+
 def renormalize(
     net: nn.Module,
     theta_a: Mapping[str, Tensor] | None,
@@ -766,21 +835,13 @@ def renormalize(
     batches: Tensor | Iterable,
     mode: Mode = "repair",
     *,
-    stacked: bool = False,
-    sites: Sequence[Site] | None = None,
-    rule: str | Sequence[str] = "auto",
     endpoint_stats: tuple[Stats, Stats] | None = None,
-    average: bool = False,
-    factor: float = 1.0,
-    sequential: bool = False,
-    statistics: Statistics = "pooled",
-    eps: float = EPS,
-    sync: bool | None = None,
+    **options: Unpack[RenormKwargs],
 ) -> WeightDict:
     """Re-normalise the interpolated weights ``theta_t`` towards ``(1 - t) * stat_a + t * stat_b``.
 
     See the module docstring for the modes, site rules and variants; BatchNorm running statistics are recomputed on
-    the way (as in :func:`reset_bn`).
+    the way (as in :func:`reset_bn`). The two-endpoint case of :func:`renormalize_mix`.
 
     Args:
         net: The network (structure; its own weights are used when ``theta_t`` is None). Not modified.
@@ -790,34 +851,13 @@ def renormalize(
         t: Interpolation coefficient(s) of the endpoints' statistics: a float, or ``[P]`` when stacked.
         batches: Input tensors (or ``(x, y)`` pairs) of training data on the net's device.
         mode: ``"repair"``, ``"rescale"`` (the seed's, no centring), ``"reshift"`` or ``"rescale_centered"``.
-        stacked: Whether ``theta_t`` holds several points (evaluated with ``torch.func.vmap``).
-        sites: Sites from :func:`find_sites` (traced with ``rule`` when None).
-        rule: Site rule when ``sites`` is None (``"auto"``: the net's own, see :func:`resolve_rule`).
         endpoint_stats: ``(site_statistics(theta_a), site_statistics(theta_b))``, to reuse across points.
-        average: Channel-constant goal (:func:`adjust_goal`).
-        factor: Multiplies the goal.
-        sequential: One site at a time, in execution order (see :func:`renormalize_to`).
-        statistics: ``"pooled"`` or ``"seed"`` (see :func:`site_statistics`), for the endpoints and the corrected net.
-        eps: Added to variances before taking standard deviations.
-        sync: All-reduce statistics across ranks; default: when ``torch.distributed`` is initialised.
+        **options: :class:`RenormKwargs` (``sites``, ``rule``, ``stacked``, ``average``, ``factor``, ``sequential``,
+            ``statistics``, ``eps``, ``sync``), as in :func:`renormalize_to`.
 
     Returns:
         A new weight dict (stacked if ``stacked``) with corrected weights and BN statistics.
     """
-    _check_mode(mode)
-    batches = _as_batches(batches)
-    if sites is None:
-        sites = find_sites(net, batches[0][:2], _first(theta_t, stacked), rule)
-    if not sites:
-        raise ValueError(f"{type(net).__name__} has no hidden conv/linear layer to renormalise.")
-    if endpoint_stats is None:
-        if theta_a is None or theta_b is None:
-            raise ValueError("renormalize needs theta_a and theta_b, or their endpoint_stats.")
-        endpoint_stats = tuple(site_statistics(net, batches, th, sites=sites, eps=eps, sync=sync,
-                                               statistics=statistics) for th in (theta_a, theta_b))
-    stats_a, stats_b = endpoint_stats
-    ref = next(iter(stats_a.values()))[0]
-    tt = torch.as_tensor(t, dtype=torch.float64).to(ref.device).reshape(-1, 1) if stacked else float(t)
-    goal = interpolate_statistics({s.name: stats_a[s.name] for s in sites}, stats_b, tt)
-    return renormalize_to(net, theta_t, goal, batches, mode, sites=sites, stacked=stacked, average=average,
-                          factor=factor, sequential=sequential, statistics=statistics, eps=eps, sync=sync)
+    tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1) if options.get("stacked", False) else float(t)
+    return renormalize_mix(net, (theta_a, theta_b), theta_t, (1 - tt, tt), batches, mode,
+                           endpoint_stats=endpoint_stats, **options)

@@ -144,32 +144,22 @@ def renormalize_average(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], 
                         weights: Sequence[float] | None = None) -> WeightDict:
     """Correct the statistics of an N-way average ``merged`` of ``thetas`` on training ``batches``.
 
-    ``"reset"`` recomputes the BatchNorm running statistics (:func:`~lmc_lightning.weights.renorm.reset_bn`).
-    ``"repair"`` / ``"rescale"`` correct every site toward the weighted endpoint statistics: the goal mean and std of
-    a channel are ``sum_i w_i mu_i`` and ``sum_i w_i sigma_i`` (the two-endpoint goal of
-    :func:`~lmc_lightning.weights.renorm.renormalize` at ``t``, extended to N endpoints with weights ``w_i``); BN
-    statistics are recomputed on the way.
+    ``"reset"`` recomputes the BatchNorm running statistics (:func:`~lmc_lightning.weights.renorm.reset_bn`). The
+    re-normalisation modes (``"repair"``, ``"rescale"``, ``"reshift"``, ``"rescale_centered"``) correct every site
+    (the ``post_norm`` rule) toward the weighted endpoint statistics ``sum_i w_i mu_i``, ``sum_i w_i sigma_i``
+    (:func:`~lmc_lightning.weights.renorm.renormalize_mix`); BN statistics are recomputed on the way.
 
     Args:
         net: The architecture (not modified).
         thetas: The (aligned) endpoints.
         merged: Their average, e.g. :func:`average` with the same ``weights``.
         batches: Training inputs on the net's device.
-        mode: ``"reset"``, ``"repair"`` or ``"rescale"``.
+        mode: ``"reset"`` or a mode of :data:`~lmc_lightning.weights.renorm.MODES`.
         weights: Merge weights (uniform when None).
     """
     if mode == "reset":
         return renorm.reset_bn(net, batches, merged, sync=False)
-    if mode not in ("repair", "rescale"):
-        raise ValueError(f"mode must be 'reset', 'repair' or 'rescale', got {mode!r}.")
+    if mode not in renorm.MODES:
+        raise ValueError(f"mode must be 'reset' or one of {renorm.MODES}, got {mode!r}.")
     w = check_weights(weights, len(thetas))
-    batches = renorm._as_batches(batches)
-    sites = renorm.find_sites(net, batches[0][:2], merged)
-    if not sites:
-        raise ValueError(f"{type(net).__name__} has no hidden conv/linear layer to renormalise.")
-    stats = [renorm.site_statistics(net, batches, th, sites=sites, sync=False) for th in thetas]
-    goal = {s.name: (sum(wi * st[s.name][0] for wi, st in zip(w, stats, strict=True)),
-                     sum(wi * st[s.name][1] for wi, st in zip(w, stats, strict=True))) for s in sites}
-    # renormalize interpolates two endpoint goals at t; giving the N-way goal as both endpoints makes it exact.
-    return renorm.renormalize(net, None, None, merged, 0.0, batches, mode, sites=sites, endpoint_stats=(goal, goal),
-                              sync=False)
+    return renorm.renormalize_mix(net, thetas, merged, w, batches, mode, rule="post_norm", sync=False)

@@ -102,3 +102,43 @@ def test_bad_init_and_freeze_are_clear_errors(tmp_path) -> None:
 def test_freeze_a_container_freezes_all_of_it() -> None:
     model = EndpointModule(net="vgg11_bn", net_kwargs={"width": 0.125}, input_shape=(1, 28, 28), freeze="features")
     assert model.frozen == [n for n, _ in model.net.named_parameters() if n.startswith("features.")]
+
+
+class _AfterBackward(pl.Callback):
+    """Counts ``on_after_backward`` calls (a hook that makes the update go through Lightning's path)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_direct_update_equals_lightning_update(optimizer: str, tmp_path, monkeypatch) -> None:
+    """The direct update (no Lightning layers) gives the same weights, global_step and logged values as
+    manual_backward + Lightning's optimiser wrapper; a callback hooking into the update gets its calls."""
+    from lmc_lightning.modules.endpoint import direct_update_ok
+
+    def run(direct: bool, callbacks: list) -> tuple[dict, pl.Trainer]:
+        monkeypatch.setattr(EndpointModule, "direct_update", direct)
+        pl.seed_everything(0, verbose=False)
+        model = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 16}, seed=1,
+                               optim=OptimConfig(optimizer=optimizer, lr=0.01))
+        data = FashionMNISTDataModule(root="/usr/share/datasets/fashion-mnist", batch_size=32, train_subset=320,
+                                      device_resident=True)
+        trainer = pl.Trainer(max_epochs=2, limit_val_batches=0, accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             callbacks=callbacks, log_every_n_steps=3, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data)
+        assert direct_update_ok(trainer, model) == (not callbacks)
+        return model.state_dict(), trainer
+
+    (direct, t1), (lightning, t2) = run(True, []), run(False, [])
+    hook = _AfterBackward()
+    hooked, t3 = run(True, [hook])
+    assert hook.calls == 20 and t1.global_step == t2.global_step == t3.global_step == 20
+    for other in (lightning, hooked):
+        assert all(torch.equal(direct[k], other[k]) for k in direct)
+    assert t1.callback_metrics.keys() == t2.callback_metrics.keys()
+    assert all(torch.equal(t1.callback_metrics[k], t2.callback_metrics[k]) for k in t1.callback_metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -49,6 +50,9 @@ def test_birkhoff_stitch_fit_logs_the_seed_metrics(fake_fmnist_root: Path, tmp_p
     # only the stitcher moved: the endpoints' weights are those of the checkpoints
     ref = torch.load(endpoints[1], weights_only=True)["state_dict"]
     torch.testing.assert_close(model.stitched.b.get_submodule("7").weight.cpu(), ref["net.7.weight"])
+    # ... but B's BN layers ran in train mode during training (the seed): running statistics moved from the checkpoint
+    moved = (model.stitched.b.get_submodule("8").running_mean.cpu() - ref["net.8.running_mean"]).abs().max()
+    assert moved > 1e-3, float(moved)
 
 
 def test_identity_stitch_of_a_net_with_itself_has_zero_penalty(fake_fmnist_root: Path, tmp_path: Path,
@@ -98,3 +102,44 @@ def test_similarity_module_writes_matrix_csv_and_heat_maps(fake_fmnist_root: Pat
     assert got == pytest.approx(want, abs=1e-5)
     assert float(cli.trainer.callback_metrics["similarity/grelu_cka/5"]) == pytest.approx(want, abs=1e-5)
 
+
+
+def test_crossvalidated_birkhoff_picks_the_best_alpha_on_the_validation_split(fake_fmnist_root: Path, tmp_path: Path,
+                                                                              endpoints) -> None:
+    from lmc_lightning.data import FashionMNISTDataModule
+    from lmc_lightning.stitch_sweep import CV_ALPHAS, crossval_stitch, stitch_sweep
+
+    torch.testing.assert_close(torch.tensor(CV_ALPHAS), torch.logspace(-3, 1, 5))  # the seed's grid
+    limits = {"limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1}
+    plain = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32, eval_batch_size=64)
+    with pytest.raises(ValueError, match="validation split"):
+        crossval_stitch(endpoints, plain, "5")
+    data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32, eval_batch_size=64, val_split=0.2)
+    row = crossval_stitch(endpoints, data, "5", epochs=2, output_dir=tmp_path, trainer_kwargs=limits, bn_batches=1)
+    assert sorted(row["val_accuracy"]) == sorted(CV_ALPHAS)
+    assert row["alpha"] == max(row["val_accuracy"], key=row["val_accuracy"].get)  # the best validation accuracy
+    assert row["best_val_accuracy"] == pytest.approx(max(row["val_accuracy"].values()))
+    assert row["layer"] == "birkhoff_cv" and row["epochs"] == 2
+    assert row["penalty"] == pytest.approx((row["endpoint_acc_a"] + row["endpoint_acc_b"]) / 2 - row["accuracy"])
+    assert 0 <= row["perm_distance"] <= 1 and len(row["perm_history"]) == 2
+    # the sweep driver runs it as the layer "birkhoff_cv" next to the others and writes CSV + plot
+    rows = stitch_sweep(endpoints, plain, ["identity", "birkhoff_cv"], ["5"], epochs=1, output_dir=tmp_path,
+                        trainer_kwargs=limits, cv_datamodule=data, cv_epochs=1, bn_batches=1)
+    assert [r["layer"] for r in rows] == ["identity", "birkhoff_cv"]
+    csv = (tmp_path / "stitch_sweep.csv").read_text().splitlines()
+    assert csv[0].endswith(",alpha") and len(csv) == 3 and (tmp_path / "stitch_sweep.png").stat().st_size > 0
+
+
+def test_bn_pass_over_train_then_val(fake_fmnist_root: Path, tmp_path: Path, endpoints) -> None:
+    from lmc_lightning.data import FashionMNISTDataModule
+    from lmc_lightning.modules import StitchModule
+
+    with pytest.raises(ValueError, match="bn_splits"):
+        StitchModule(bn_splits=["test"])
+    data = FashionMNISTDataModule(root=str(fake_fmnist_root), batch_size=32, val_split=0.25)
+    model = StitchModule(endpoints=endpoints, point="5", layer="identity", bn_splits=["train", "val"])
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.test(model, datamodule=data, verbose=False)
+    batches = model._bn_inputs()
+    assert len(batches) == 192 // 32 + 64 // 32  # every training batch, then the validation split in batches of 32
+    torch.testing.assert_close(batches[-1], data.split_tensors("val")[0][32:])

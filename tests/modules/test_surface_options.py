@@ -49,8 +49,9 @@ def _module(files: list[str], **kwargs) -> SurfaceModule:
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    return pl.Trainer(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=False,
-                      default_root_dir=tmp_path, limit_val_batches=0, **kwargs)
+    # CPU: the tests replay steps with direct CPU computations (exact comparisons)
+    return pl.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, logger=False, default_root_dir=tmp_path, limit_val_batches=0, **kwargs)
 
 
 def test_degree_is_mcsurface_num_bends() -> None:

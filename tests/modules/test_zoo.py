@@ -187,6 +187,32 @@ def test_stacked_nets_member_roundtrip() -> None:
         zoo(x)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: MLP(10, 1, 28, depth=2, width=24),
+    lambda: MLP(10, 1, 28, depth=0),
+    lambda: MLP(10, 1, 28, widths=[20, 12], bias=False),
+    lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 12), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Linear(12, 10))),
+])
+def test_linear_chain_forward_equals_vmap_bit_for_bit(make, monkeypatch) -> None:
+    """MLP zoos skip vmap: same logits and gradients to the last bit, per-member batches and a shared one."""
+    torch.manual_seed(0)
+    zoo = StackedNets([make() for _ in range(3)])
+    assert zoo._chain is not None
+    x = torch.randn(3, 8, 1, 28, 28)
+    for shared in (False, True):
+        results = []
+        for fast in (True, False):
+            monkeypatch.setattr(StackedNets, "fast_chain", fast)
+            zoo.zero_grad()
+            out = zoo(x[0] if shared else x, shared=shared)
+            out.square().sum().backward()
+            results.append([out.detach()] + [p.grad.clone() for p in zoo.parameters()])
+        assert results[0][0].shape == (3, 8, 10)
+        assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert StackedNets([tiny_bn_cnn(), tiny_bn_cnn()])._chain is None  # conv + BN: through vmap
+
+
 @pytest.mark.cpu_ddp
 def test_zoo_under_two_process_ddp_splits_the_data(fake_fmnist_root: Path, tmp_path: Path) -> None:
     """Every rank holds all members and half of each member's batch: 2 ranks x 16 equal one process x 32."""

@@ -312,3 +312,18 @@ def test_ste_matching_lowers_midpoint_loss() -> None:
     assert mid_loss(aligned) < mid_loss(theta_b)
     with pytest.raises(ValueError, match="needs labels"):
         ste_matching(nets[0], spec, theta_a, theta_b, x)
+
+
+def test_progress_ticks_once_per_round_and_per_batch() -> None:
+    """``progress`` is advanced once per weight-matching round and once per activation-matching batch."""
+    net = small_net("mlp")
+    theta_a = net.state_dict()
+    spec = derive_spec(net)
+    theta_b = apply_permutation(theta_a, spec, random_perm(spec, theta_a, seed=3))
+    ticks: list[int] = []
+    result = weight_matching(spec, theta_a, theta_b, seed=1, progress=ticks.append)
+    assert result.rounds >= 2 and ticks == [1] * result.rounds
+    ticks.clear()
+    x = torch.randn(40, 3, 8, 8, dtype=torch.float64)
+    align_weights(net, theta_a, theta_b, method="activation", data=x, batch_size=16, progress=ticks.append)
+    assert ticks == [1] * 3  # batches of 16, 16 and 8

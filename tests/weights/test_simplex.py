@@ -75,19 +75,36 @@ def test_evaluate_path_on_the_simplex(fmnist: dict) -> None:
     assert again.simplex and again.loss_barrier == pytest.approx(result.loss_barrier)
 
 
-def test_repair_of_an_average_reaches_the_weighted_endpoint_statistics() -> None:
+def corrected_average(mode: str, w: list[float], seed: int) -> tuple[list, dict, dict, dict, list]:
+    """Three MLPs averaged with weights ``w`` and corrected by ``renormalize_average(mode)``: the sites, the
+    statistics of the average before and after the correction, and the goal ``(sum_i w_i mu_i, sum_i w_i sigma_i)``
+    of every site."""
     three = nets(3, width=16)
     thetas = [n.state_dict() for n in three]
-    w = [0.5, 0.3, 0.2]
     merged = average(thetas, w)
-    x = torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    repaired = renormalize_average(three[0], thetas, merged, [x], "repair", w)
+    x = torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    fixed = renormalize_average(three[0], thetas, merged, [x], mode, w)
     sites = find_sites(three[0], x[:2], merged)
     stats = [site_statistics(three[0], [x], t, sites=sites) for t in thetas]
-    got = site_statistics(three[0], [x], repaired, sites=sites)
+    before, after = (site_statistics(three[0], [x], th, sites=sites) for th in (merged, fixed))
+    goal = {s.name: tuple(sum(wi * st[s.name][j] for wi, st in zip(w, stats, strict=True)) for j in (0, 1))
+            for s in sites}
+    return sites, before, after, goal, thetas
+
+
+def test_repair_of_an_average_reaches_the_weighted_endpoint_statistics() -> None:
+    sites, before, got, goal, _ = corrected_average("repair", [0.5, 0.3, 0.2], seed=0)
     name = sites[0].name
-    goal_mean = sum(wi * s[name][0] for wi, s in zip(w, stats, strict=True))
-    goal_std = sum(wi * s[name][1] for wi, s in zip(w, stats, strict=True))
+    goal_mean, goal_std = goal[name]
     assert torch.allclose(got[name][0], goal_mean, atol=1e-4) and torch.allclose(got[name][1], goal_std, atol=1e-3)
-    before = site_statistics(three[0], [x], merged, sites=sites)
     assert (before[name][1] - goal_std).abs().mean() > 10 * (got[name][1] - goal_std).abs().mean()
+
+
+def test_reshift_of_an_average_moves_every_mean_to_the_weighted_goal_and_keeps_the_first_std() -> None:
+    sites, before, got, goal, thetas = corrected_average("reshift", [0.2, 0.2, 0.6], seed=1)
+    for site in sites:
+        assert torch.allclose(got[site.name][0], goal[site.name][0], atol=1e-4)
+    first = sites[0].name
+    assert torch.allclose(got[first][1], before[first][1], rtol=1e-4)
+    with pytest.raises(ValueError, match="mode must be 'reset' or one of"):
+        renormalize_average(nets(1)[0], thetas, average(thetas), torch.randn(8, 1, 4, 4), "center")

@@ -8,7 +8,8 @@ matched on the sum of the correlation matrices of its points.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from lmc_lightning.weights.permutation.apply import Permutation
 from lmc_lightning.weights.permutation.batches import Data, capture_module, eval_mode, iter_batches, run_with
 from lmc_lightning.weights.permutation.heads import solve_tied
 from lmc_lightning.weights.permutation.spec import PermutationSpec
+from lmc_lightning.weights.permutation.trace import LeafTracer
 from lmc_lightning.weights.permutation.weight_matching import solve_assignment
 
 
@@ -68,10 +70,28 @@ class CorrelationStats:
         return cov / (sx[:, None] * sy[None, :] + eps)
 
 
+def feature_slice(output: Tensor, point: str) -> Tensor:
+    """The features of activation point ``point`` in its captured ``output``, moved to dim 1: ``name@axis`` has
+    them on ``axis`` (default 1), ``name@axis[start:stop]`` on entries ``start ... stop - 1`` of it (one chunk of a
+    fused projection such as timm's ``qkv``)."""
+    if "@" not in point:
+        return output
+    spec = point.split("@", 1)[1]
+    axis, _, cut = spec.partition("[")
+    output = output.movedim(int(axis), 1)
+    if cut:
+        start, stop = (int(v) for v in cut.rstrip("]").split(":"))
+        output = output.narrow(1, start, stop - start)
+    return output
+
+
 def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Tensor],
                      theta_b: Mapping[str, Tensor], data: Data, batch_size: int = 256,
-                     device: str | torch.device | None = None) -> dict[str, list[CorrelationStats]]:
+                     device: str | torch.device | None = None,
+                     progress: Callable[[int], Any] | None = None) -> dict[str, list[CorrelationStats]]:
     """Correlation statistics of every activation point of every group (in eval mode).
+
+    ``progress`` (e.g. a progress bar's ``update``) is called with 1 after every batch.
 
     Returns:
         Group name -> one :class:`CorrelationStats` per activation point, already all-reduced over ranks.
@@ -82,7 +102,7 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                          "spec.activations[group] = [module or node names] or use a spec from derive_spec(net).")
     sizes = spec.sizes(theta_a)
     points = sorted({p for g in spec.groups for p in spec.activations[g]})
-    gm = capture_module(net, points)
+    gm = capture_module(net, points, LeafTracer())
     device = torch.device(device) if device is not None else next(iter(theta_a.values())).device
     stats = {p: None for p in points}
     unit = {p: sizes[g] for g in spec.groups for p in spec.activations[g]}
@@ -93,8 +113,10 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
                 n = unit[p]
                 if stats[p] is None:
                     stats[p] = CorrelationStats(n, device)
-                axis = int(p.split("@")[1]) if "@" in p else 1
-                stats[p].update(as_samples(fa.movedim(axis, 1), n), as_samples(fb.movedim(axis, 1), n))
+                fa, fb = (feature_slice(f, p) for f in (fa, fb))
+                stats[p].update(as_samples(fa, n), as_samples(fb, n))
+            if progress is not None:
+                progress(1)
     if any(s is None for s in stats.values()):
         raise ValueError("data yielded no batches.")
     for s in stats.values():
@@ -104,7 +126,8 @@ def activation_stats(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str
 
 def activation_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Tensor],
                         theta_b: Mapping[str, Tensor], data: Data, batch_size: int = 256,
-                        device: str | torch.device | None = None) -> Permutation:
+                        device: str | torch.device | None = None,
+                        progress: Callable[[int], Any] | None = None) -> Permutation:
     """Permutation of B's units maximising the summed activation correlation with A's units, one group at a time.
 
     Args:
@@ -115,11 +138,12 @@ def activation_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[
         data: Inputs (see :func:`~lmc_lightning.weights.permutation.batches.iter_batches`).
         batch_size: Batch size when ``data`` is given as tensors.
         device: Device to run on (default: that of A's weights).
+        progress: Called with 1 after every batch (e.g. a progress bar's ``update``).
 
     Returns:
         Group name -> index tensor (CPU, int64).
     """
-    stats = activation_stats(net, spec, theta_a, theta_b, data, batch_size, device)
+    stats = activation_stats(net, spec, theta_a, theta_b, data, batch_size, device, progress)
     corr = {g: sum(s.correlation() for s in group_stats) for g, group_stats in stats.items()}
     perm: Permutation = {}
     for unit in spec.units():

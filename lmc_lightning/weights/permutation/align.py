@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +26,8 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
                   method: str = "weight", data: Data | None = None, spec: PermutationSpec | None = None,
                   seed: int = 0, max_iter: int = 100, batch_size: int = 256,
                   device: str | torch.device | None = None, check: bool = True, probe: Tensor | None = None,
-                  solver: str = "auto", **ste_kwargs: Any) -> tuple[dict[str, Tensor], Permutation]:
+                  solver: str = "auto", progress: Callable[[int], Any] | None = None,
+                  **ste_kwargs: Any) -> tuple[dict[str, Tensor], Permutation]:
     """Permute weight dict ``theta_b`` into the basin of ``theta_a``.
 
     Args:
@@ -49,6 +50,8 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         probe: Inputs for the check (default: the first few of ``data``, else random inputs of a guessed shape).
         solver: Linear assignment solver of weight matching (see
             :func:`~lmc_lightning.weights.permutation.solvers.solve_assignment`).
+        progress: Called with 1 after every round of weight matching, every batch of activation matching and every
+            step of STE matching (e.g. the ``update`` of a bar from :func:`lmc_lightning.progress.progress_bar`).
         **ste_kwargs: Further arguments of :func:`ste_matching` (``epochs``, ``lr``, ``loss_fn``, ...).
 
     Returns:
@@ -69,12 +72,13 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
         data = (x, y) if y is not None else x
     if method == "weight":
         perm = weight_matching(spec, theta_a, theta_b, max_iter=max_iter, seed=seed, device=device,
-                               solver=solver).perm
+                               solver=solver, progress=progress).perm
     elif method == "activation":
-        perm = activation_matching(net, spec, theta_a, theta_b, data, batch_size=batch_size, device=device)
+        perm = activation_matching(net, spec, theta_a, theta_b, data, batch_size=batch_size, device=device,
+                                   progress=progress)
     else:
         perm = ste_matching(net, spec, theta_a, theta_b, data, batch_size=batch_size, seed=seed, max_iter=max_iter,
-                            device=device, **ste_kwargs)
+                            device=device, progress=progress, **ste_kwargs)
     if check:
         check_equivalence(net, theta_b, spec, perm, probe if probe is not None else probe_input(net, data))
     return apply_permutation(theta_b, spec, perm), perm

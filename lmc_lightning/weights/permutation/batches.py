@@ -42,13 +42,20 @@ def eval_mode(net: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
-def capture_module(net: nn.Module, points: list[str]) -> fx.GraphModule:
-    """A traced copy of ``net`` that returns the outputs at ``points`` (fx node names or module names).
+def capture_module(net: nn.Module, points: list[str], tracer: fx.Tracer | None = None) -> fx.GraphModule:
+    """A traced copy of ``net`` that returns the outputs at ``points`` (fx node names or module names; a suffix
+    ``@axis`` or ``@axis[start:stop]`` is ignored here).
+
+    Args:
+        net: The network.
+        points: Where to capture.
+        tracer: The fx tracer whose node names ``points`` use (default ``torch.fx.Tracer``, as ``symbolic_trace``;
+            the spec tracer :class:`~lmc_lightning.weights.permutation.trace.LeafTracer` for derived specs).
 
     Raises:
         ValueError: A point names neither a node of the traced graph nor a called module.
     """
-    gm = fx.symbolic_trace(net)
+    gm = fx.GraphModule(net, (tracer or fx.Tracer()).trace(net), type(net).__name__)
     by_name = {n.name: n for n in gm.graph.nodes}
     by_module: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:

@@ -13,7 +13,7 @@ Orders, as in seed 004's ``mulitple_matching`` notebook:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +59,7 @@ def align_many_weights(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], m
                        order: str = "reference", data: Data | None = None, spec: PermutationSpec | None = None,
                        seed: int = 0, max_iter: int = 100, max_rounds: int = 50, check: bool = True,
                        probe: Tensor | None = None, solver: str = "auto", device: str | torch.device | None = None,
-                       **method_kwargs: Any) -> ManyAlignment:
+                       progress: Callable[[int], Any] | None = None, **method_kwargs: Any) -> ManyAlignment:
     """Align N weight dicts of one architecture into a common basin.
 
     Args:
@@ -78,6 +78,8 @@ def align_many_weights(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], m
         probe: Inputs of that check (default: the first few of ``data``, else random inputs of a guessed shape).
         solver: Assignment solver of weight matching.
         device: Device for the matching.
+        progress: Called with 1 after every step of the pairwise matchings (see
+            :func:`~lmc_lightning.weights.permutation.align_weights`).
         **method_kwargs: Further arguments of the method (``batch_size``; STE's ``epochs``, ``lr``, ...).
 
     Returns:
@@ -100,7 +102,7 @@ def align_many_weights(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], m
         x, y = materialize(data, "train", what="data", labels=method == "ste")
         data = (x, y) if y is not None else x
     pair = dict(method=method, data=data, spec=spec, seed=seed, max_iter=max_iter, device=device, check=False,
-                solver=solver, **method_kwargs)
+                solver=solver, progress=progress, **method_kwargs)
     perms: list[Permutation] = [identity(spec, thetas[0])]
     aligned: list[dict[str, Tensor]] = [thetas[0]]
     rounds, converged = 1, True
@@ -122,7 +124,7 @@ def align_many_weights(net: nn.Module, thetas: Sequence[Mapping[str, Tensor]], m
             for i in torch.randperm(len(thetas), generator=gen).tolist():
                 target = _mean([aligned[j] for j in range(len(thetas)) if j != i], keys)
                 result = weight_matching(spec, target, thetas[i], max_iter=max_iter, seed=seed, init=perms[i],
-                                         device=device, solver=solver)
+                                         device=device, solver=solver, progress=progress)
                 if any(not torch.equal(result.perm[g], perms[i][g]) for g in perms[i]):
                     changed = True
                     perms[i] = result.perm

@@ -9,6 +9,7 @@ the backward pass (straight-through), and updates the proxy. The best projection
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ def ste_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Te
                  data: Data, epochs: int = 1, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
                  max_iter: int = 100, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                  eval_batches: int = 4, eval_every: int | None = None,
-                 device: str | torch.device | None = None) -> Permutation:
+                 device: str | torch.device | None = None,
+                 progress: Callable[[int], Any] | None = None) -> Permutation:
     """Learn a permutation of B through a projected proxy model with a straight-through estimator.
 
     Nets with BatchNorm run in train mode (batch statistics; the midpoint's running statistics would be
@@ -52,6 +54,7 @@ def ste_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Te
         eval_batches: Batches used to score a projection.
         eval_every: Score the current projection every this many steps (default: once per epoch).
         device: Device to run on (default: that of A's weights).
+        progress: Called with 1 after every training step (e.g. a progress bar's ``update``).
 
     Returns:
         Group name -> index tensor (CPU, int64) of the best projection.
@@ -106,6 +109,8 @@ def ste_matching(net: nn.Module, spec: PermutationSpec, theta_a: Mapping[str, Te
                 loss_at(perm, x.to(device), y.to(device), True).backward()
                 opt.step()
                 step += 1
+                if progress is not None:
+                    progress(1)
                 if eval_every and step % eval_every == 0:
                     best, best_loss = min((best, best_loss), (perm, score(perm)), key=lambda c: c[1])
             if not eval_every:

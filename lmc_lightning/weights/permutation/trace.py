@@ -14,13 +14,16 @@ transformer one group; parameters used directly (a class token, position embeddi
 they are added to or concatenated with; ``nn.Embedding`` opens a space; ``torch.cat`` along the feature axis gives
 each part its own segment of the reading layer's input axis; splitting the feature axis into heads
 (``view(B, T, H, d)``) and ``F.scaled_dot_product_attention`` tie query and key into one group and value/output
-into another, both with ``H`` heads moved by one shared head permutation; a grouped conv ties its input's and its
-output's channel groups as heads (the input kept in order within each group); a depthwise conv passes its space
-through. Anything else raises :class:`SpecDerivationError` naming the node.
+into another, both with ``H`` heads moved by one shared head permutation (a fused projection split as
+``reshape(B, T, 3, H, d)``, timm's ``qkv``, becomes three row segments of one weight, unbound into query, key and
+value); a grouped conv ties its input's and its output's channel groups as heads (the input kept in order within
+each group); a depthwise conv passes its space through. Anything else raises :class:`SpecDerivationError` naming
+the node.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -112,14 +115,45 @@ class _Heads:
     unit_axis: int
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A fused projection's feature axis split into ``len(parts)`` chunks of ``n_heads`` heads of ``d`` units (timm's
+    ``qkv(x).reshape(B, N, 3, H, d)``): chunk ``i`` is space ``parts[i]``, on axes ``chunk_axis``, ``head_axis`` and
+    ``unit_axis``."""
+
+    parts: tuple[int, ...]
+    n_heads: int
+    d: int
+    ndim: int
+    chunk_axis: int
+    head_axis: int
+    unit_axis: int
+
+
 _CONST = object()  # sizes, shapes, python scalars: values that carry no units
 
 
-class _LeafTracer(fx.Tracer):
-    """fx tracing that keeps modules marked ``channel_norm = True`` (per-position channel norms) as leaves."""
+def _carries_units(value: Any) -> bool:
+    """Whether a traced value holds network features (or a tuple of them, as ``unbind`` returns)."""
+    if isinstance(value, tuple):
+        return any(_carries_units(v) for v in value)
+    return isinstance(value, _Feat | _Param | _Cat | _Heads | _Split)
+
+
+_LEAF_TYPES = (nn.Linear, *_CONVS, nn.Embedding, *_BATCHNORMS, nn.GroupNorm, nn.LayerNorm, *_ELEMENTWISE_MODULES,
+               *_POOL_MODULES, nn.Flatten)
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracing that keeps as leaves the modules marked ``channel_norm = True`` (per-position channel norms) or
+    ``spatial_only = True`` (ops on the spatial axes alone, such as an input resize), and
+    subclasses of the supported module types defined outside ``torch.nn`` (timm's ``LayerNorm``), which compute what
+    their base class does (the equivalence check after alignment catches one that does not)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return bool(getattr(m, "channel_norm", False)) or super().is_leaf_module(m, module_qualified_name)
+        return (bool(getattr(m, "channel_norm", False) or getattr(m, "spatial_only", False))
+                or isinstance(m, _LEAF_TYPES)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 class _Tracer:
@@ -140,6 +174,7 @@ class _Tracer:
         self.points: dict[int, list[str]] = {}
         self.buffers: set[str] = set()
         self.env: dict[fx.Node, Any] = {}
+        self.split: dict[int, fx.Node] = {}  # spaces cut into chunks (their axes moved to the chunks' segments)
 
     # union-find over spaces --------------------------------------------------------------------------------------
     def new(self, size: int | None, fixed: bool = False) -> int:
@@ -158,6 +193,7 @@ class _Tracer:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
+        self.not_split(node, a, b)
         if self.size[a] is not None and self.size[b] is not None and self.size[a] != self.size[b]:
             raise SpecDerivationError(f"Node '{node.name}' combines tensors with {self.size[a]} and {self.size[b]} "
                                       f"channels elementwise; cannot tie their units. {_HINT}")
@@ -194,6 +230,7 @@ class _Tracer:
 
     def add_axis(self, node: fx.Node, key: str, axis: int, space: int, block: int, buffer: bool = False,
                  offset: int = 0, length: int | None = None) -> None:
+        self.not_split(node, space)
         old = self.axes.get((key, axis, offset))
         if old is not None:  # a module called more than once: its axes tie the spaces it sees
             if old[1] != block:
@@ -229,6 +266,47 @@ class _Tracer:
         if offset != length:
             raise self.fail(node, f"it reads {length} features from a concatenation of {offset}")
 
+    def not_split(self, node: fx.Node, *spaces: int) -> None:
+        """Fail if a space already cut into chunks is used whole again."""
+        for space in spaces:
+            cut = self.split.get(self.find(space))
+            if cut is not None:
+                raise self.fail(node, f"it uses the whole output of a fused projection that node '{cut.name}' "
+                                "splits into chunks; only the chunks may be used")
+
+    def split_space(self, node: fx.Node, space: int, chunks: int) -> tuple[int, ...]:
+        """Cut the output space of a fused projection (timm's ``qkv``) into ``chunks`` spaces: the producer's
+        output axes become one segment per chunk."""
+        root = self.find(space)
+        size = self.size[root]
+        owned = [k for k in self.order if self.find(self.axes[k][0]) == root]
+        producer = self.producers.get(root, [])
+        if self.fixed[root] or size is None or size % chunks or len(producer) != 1 or self.points.get(root) \
+                or any(self.axes[k][1:] != (1, None) or not k[0].startswith(f"{producer[0]}.") for k in owned):
+            raise self.fail(node, f"it splits features into {chunks} chunks that are not the output of one layer "
+                            "read only through the split")
+        length = size // chunks
+        parts = tuple(self.new(length) for _ in range(chunks))
+        for i, part in enumerate(parts):
+            self.producers[part] = [f"{producer[0]}[{i}]"]
+            self.outputs[part] = [f"{p if '@' in p else p + '@1'}[{i * length}:{(i + 1) * length}]"
+                                  for p in self.outputs.get(root, [])]
+        order = []
+        for entry in self.order:
+            if entry not in owned:
+                order.append(entry)
+                continue
+            del self.axes[entry]
+            key, axis, _ = entry
+            for i, part in enumerate(parts):
+                self.axes[(key, axis, i * length)] = (part, 1, length)
+                order.append((key, axis, i * length))
+        self.order = order
+        self.producers.pop(root, None)
+        self.outputs.pop(root, None)
+        self.split[root] = node
+        return parts
+
     def mark_heads(self, node: fx.Node, space: int, n_heads: int, within: bool) -> None:
         size = self.size[self.find(space)]
         if size is not None and size % n_heads:
@@ -249,7 +327,9 @@ class _Tracer:
         for node in graph.nodes:
             self.env[node] = getattr(self, f"op_{node.op}")(node)
 
-    def op_placeholder(self, node: fx.Node) -> _Feat:
+    def op_placeholder(self, node: fx.Node) -> Any:
+        if node.args and not isinstance(node.args[0], torch.Tensor):
+            return _CONST  # an optional argument left at its default (timm's attn_mask=None, is_causal=False)
         return _Feat(self.new(None, fixed=True))
 
     def op_get_attr(self, node: fx.Node) -> Any:
@@ -286,6 +366,8 @@ class _Tracer:
             return _Feat(out, 1, ndim, ndim - 1)
         if isinstance(args[0], _Cat):
             return self.read_cat(node, module, args[0])
+        if isinstance(args[0], _Heads | _Split) and isinstance(module, _ELEMENTWISE_MODULES):
+            return args[0]  # e.g. timm's q_norm / k_norm = Identity
         x = self.feat(node, args[0])
         if isinstance(module, nn.Linear):
             if x.ndim is not None and x.axis != x.ndim - 1:
@@ -331,7 +413,7 @@ class _Tracer:
             return x
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return x
-        if isinstance(module, _POOL_MODULES):
+        if isinstance(module, _POOL_MODULES) or getattr(module, "spatial_only", False):
             self.no_flat(node, x)
             return x
         if isinstance(module, nn.Flatten):
@@ -437,8 +519,8 @@ class _Tracer:
     def elementwise(self, node: fx.Node, values: list[Any]) -> Any:
         feats = [v for v in values if isinstance(v, _Feat)]
         params = [v for v in values if isinstance(v, _Param)]
-        if any(isinstance(v, _Cat | _Heads) for v in values):
-            cats = [v for v in values if isinstance(v, _Cat | _Heads)]
+        if any(isinstance(v, _Cat | _Heads | _Split) for v in values):
+            cats = [v for v in values if isinstance(v, _Cat | _Heads | _Split)]
             if len(cats) == 1 and not feats and not params:
                 return cats[0]
             raise self.fail(node, "it combines a concatenation or a head-split tensor elementwise")
@@ -477,7 +559,17 @@ class _Tracer:
             return _Feat(x.space, x.block, x.ndim, order.index(x.axis))
         if isinstance(x, _Heads):
             return _Heads(x.space, x.n_heads, x.d, x.ndim, order.index(x.head_axis), order.index(x.unit_axis))
+        if isinstance(x, _Split):
+            return _Split(x.parts, x.n_heads, x.d, x.ndim, order.index(x.chunk_axis), order.index(x.head_axis),
+                          order.index(x.unit_axis))
         raise self.fail(node, "a transpose of a concatenation or a parameter")
+
+    def chunks(self, node: fx.Node, x: _Split, dim: int) -> tuple[_Heads, ...]:
+        """``x.unbind(dim)`` along the chunk axis: one head-split tensor per chunk."""
+        if dim % x.ndim != x.chunk_axis:
+            raise self.fail(node, f"it unbinds dim {dim}, not the chunk axis {x.chunk_axis} of a fused projection")
+        head, unit = (a - (a > x.chunk_axis) for a in (x.head_axis, x.unit_axis))
+        return tuple(_Heads(part, x.n_heads, x.d, x.ndim - 1, head, unit) for part in x.parts)
 
     def reshape(self, node: fx.Node, x: Any, shape: list[Any]) -> Any:
         """Splitting the last (feature) axis into heads, merging heads back, or flattening ``(batch, -1)``."""
@@ -493,11 +585,20 @@ class _Tracer:
             if size is not None and n_heads * d != size:
                 raise self.fail(node, f"it splits {size} features into {n_heads} x {d}")
             return _Heads(x.space, n_heads, d, x.ndim + 1, x.ndim - 1, x.ndim)
+        last3 = shape[-3:]
+        if isinstance(x, _Feat) and x.ndim is not None and x.axis == x.ndim - 1 and len(shape) == x.ndim + 2 \
+                and x.block == 1 and all(isinstance(v, int) and v > 0 for v in last3):
+            size = self.size[self.find(x.space)]
+            if size is not None and math.prod(last3) != size:
+                raise self.fail(node, f"it splits {size} features into {' x '.join(map(str, last3))}")
+            parts = self.split_space(node, x.space, last3[0])
+            return _Split(parts, last3[1], last3[2], x.ndim + 2, x.ndim - 1, x.ndim, x.ndim + 1)
         if isinstance(x, _Heads) and len(shape) == x.ndim - 1 and x.unit_axis == x.ndim - 1 \
                 and x.head_axis == x.ndim - 2 and shape[-1] in (-1, x.n_heads * x.d):
             return _Feat(x.space, 1, x.ndim - 1, x.ndim - 2)
-        raise self.fail(node, f"a reshape to {shape} (only (batch, -1), splitting the last feature axis into "
-                        "(heads, units) and merging them back are understood)")
+        shown = ["?" if v is _CONST else v for v in shape]
+        raise self.fail(node, f"a reshape to {shown} (only (batch, -1), splitting the last feature axis into "
+                        "(heads, units) or (chunks, heads, units) and merging heads back are understood)")
 
     def attention(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> _Heads:
         """``F.scaled_dot_product_attention(q, k, v)``: q and k share a space; q/k and v heads are tied."""
@@ -516,6 +617,14 @@ class _Tracer:
         self.mark_heads(node, v.space, v.n_heads, within=True)
         self.ties.append((qk, v.space, node))
         return v
+
+    def index_chunk(self, node: fx.Node, x: _Split, index: Any) -> _Heads:
+        """``qkv[0]``: one chunk of a fused projection (an int on the chunk axis, full slices before it)."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) != x.chunk_axis + 1 or not isinstance(index[-1], int) \
+                or any(i != slice(None) for i in index[:-1]):
+            raise self.fail(node, "indexing a fused projection other than by one chunk")
+        return self.chunks(node, x, x.chunk_axis)[index[-1]]
 
     def index(self, node: fx.Node, x: Any, index: Any) -> Any:
         """``x[...]`` selecting along axes other than the feature axis."""
@@ -563,17 +672,26 @@ class _Tracer:
             return _CONST
         inputs: list[Any] = []
         fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(self.env[n]))
-        if not any(isinstance(v, _Feat | _Param | _Cat | _Heads) for v in inputs):
+        if not any(_carries_units(v) for v in inputs):
             return _CONST  # arithmetic on sizes and constants
         if target in (torch.cat, torch.concat):
             values = [self.env[n] if isinstance(n, fx.Node) else n for n in node.args[0]]
             return self.cat(node, values, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
         if target is F.scaled_dot_product_attention:
             return self.attention(node, args, kwargs)
+        if isinstance(args[0], _Split):
+            if (is_method and name == "unbind") or target is torch.unbind:
+                return self.chunks(node, args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            if (is_method and name == "permute") or target is torch.permute:
+                dims = args[1:] if is_method else list(args[1])
+                dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], tuple | list) else list(dims)
+                return self.moved(node, args[0], [d % len(dims) for d in dims])
+            raise self.fail(node, "an operation on a fused projection split into chunks other than permute, "
+                            "unbind or indexing a chunk")
         if is_method and name in ("expand", "repeat") and isinstance(args[0], _Param):
             return args[0]
         if (is_method and name in _ELEMENTWISE_METHODS) or target in _ELEMENTWISE_FUNCS:
-            return args[0] if isinstance(args[0], _Cat | _Heads) else self.feat(node, args[0])
+            return args[0] if isinstance(args[0], _Cat | _Heads | _Split) else self.feat(node, args[0])
         if target in _POOL_FUNCS:
             x = self.feat(node, args[0])
             self.no_flat(node, x)
@@ -612,6 +730,10 @@ class _Tracer:
     def op_call_function(self, node: fx.Node) -> Any:
         if node.target is operator.getitem:
             value = self.env[node.args[0]] if isinstance(node.args[0], fx.Node) else _CONST
+            if isinstance(value, tuple) and isinstance(node.args[1], int):  # a chunk of unbind
+                return value[node.args[1]]
+            if isinstance(value, _Split):
+                return self.index_chunk(node, value, node.args[1])
             if isinstance(value, _Feat | _Cat | _Heads | _Param):
                 return self.index(node, value, node.args[1])
             return _CONST
@@ -633,10 +755,11 @@ class _Tracer:
         points: dict[int, list[str]] = {}
         for space, names in self.producers.items():
             producers.setdefault(self.find(space), []).extend(names)
+        read = {self.find(space) for space, names in self.points.items() if names}
         for source in (self.points, self.outputs):
             for space, names in source.items():
                 root = self.find(space)
-                if source is self.outputs and points.get(root):
+                if source is self.outputs and root in read:  # outputs only for units no layer reads (q and k)
                     continue
                 merged = points.setdefault(root, [])
                 merged.extend(n for n in names if n not in merged)
@@ -696,7 +819,7 @@ def derive_spec(net: nn.Module) -> PermutationSpec:
             names the node and module).
     """
     try:
-        graph = _LeafTracer().trace(net)
+        graph = LeafTracer().trace(net)
     except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "not traceable"
         raise SpecDerivationError(f"torch.fx could not trace {type(net).__name__}: {err}. {_HINT}") from err
     tracer = _Tracer(net)
