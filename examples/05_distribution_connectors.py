@@ -6,12 +6,14 @@
 # epochs. Settings come from environment variables so a test can run this notebook on tiny settings.
 
 # %%
+# %matplotlib inline
 import json
 import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 import lmc_lightning as lmc
@@ -23,6 +25,7 @@ from lmc_lightning.weights.connect import connector_path
 EPOCHS = int(os.environ.get("LMC_EPOCHS", 5))
 SUBSET = int(os.environ.get("LMC_SUBSET", 0)) or None  # None = all 60k training images
 OUT = Path(os.environ.get("LMC_OUT", "runs/example03"))
+OUT.mkdir(parents=True, exist_ok=True)
 TINY = SUBSET is not None and SUBSET < 5000  # the test's settings: fewer nets, points and units
 PAIRS = int(os.environ.get("LMC_PAIRS", 1 if TINY else 4))  # one-hidden-layer pairs: seeds (0, 1), (2, 3), ...
 FIRST_PAIR = int(os.environ.get("LMC_FIRST_PAIR", 0))
@@ -63,18 +66,39 @@ def train_net(widths: list[int], bias: bool, seed: int) -> torch.nn.Module:
     return net.eval()
 
 
+CURVES: dict[str, dict[str, tuple]] = {"table1": {}, "table2": {}}  # (t / end_time, test error %) of the first pair
+
+
 def run(net: torch.nn.Module, a: dict, b: dict, finder: str, method: str, match: str) -> dict:
-    """Build a connection, evaluate train and test along it (``POINTS`` per unit of t) and summarise."""
+    """Build a connection, evaluate train and test along it (``POINTS`` per unit of t) and summarise.
+
+    ``run.last`` holds the connection's test error curve: ``(t / end_time, test error in %)``.
+    """
     path = connector_path(net, a, b, finder, method, match, data=train[0])
     end = getattr(path, "end_time", 1.0)
     result = lmc.evaluate_path(path, net, {"test": test, "train": train}, num_points=int(POINTS * end) + 1,
                                device=DEVICE, precision="32")
+    run.last = (result.coords[:, 0] / end, 100 * (1 - result.sets["test"].accuracy))
     summary = result.summary()
     return {"finder": finder, "method": method, "match": match, "end_time": end,
             "max_test_error": 1 - summary["test"]["accuracy"]["min"],
             "max_train_error": 1 - summary["train"]["accuracy"]["min"],
             "endpoint_test_error": [1 - summary["test"]["accuracy"]["start"], 1 - summary["test"]["accuracy"]["end"]],
             "int_test_error": 1 - summary["test"]["accuracy"]["int"], "length": float(result.length[-1])}
+
+
+def plot_errors(curves: dict[str, tuple], title: str) -> None:
+    """Test error (%) along each path, against ``t`` scaled to [0, 1]; nothing when there are no curves."""
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (t, err) in curves.items():
+        ax.plot(t, err, marker=".", label=name)
+    ax.set_xlabel("t / end_time")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.savefig(OUT / f"{title.split(':')[0].replace(' ', '_').lower()}.png", dpi=100)
 
 
 results: dict = {"epochs": EPOCHS, "width": WIDTH, "deep": DEEP, "table1": [], "table2": [], "ensembles": []}
@@ -85,27 +109,36 @@ TABLE1 = [("Linear", "with_bias", "lin", "none"), ("Arc", "with_bias", "arc", "n
           ("OT", "with_bias", "lin", "ot"), ("OT+WA", "with_bias_wa", "lin", "ot")]
 
 
-def connect_pairs(label: str, widths: list[int], bias: bool, pairs: range, table: list[tuple[str, ...]]) -> list:
-    """Every path of ``table`` between the nets of seeds ``2p`` and ``2p + 1`` for each pair ``p``, one row each."""
+def connect_pairs(label: str, widths: list[int], bias: bool, pairs: range, table: list[tuple[str, ...]],
+                  curves: dict[str, tuple]) -> list:
+    """Every path of ``table`` between the nets of seeds ``2p`` and ``2p + 1`` for each pair ``p``, one row each.
+
+    The first pair's test error curves go into ``curves`` (by path name).
+    """
     rows = []
     for pair in pairs:
         nets = [train_net(widths, bias, 2 * pair + i) for i in (0, 1)]
         a, b = (dict(n.state_dict()) for n in nets)
         for name, finder, method, match in table:
             rows.append({"pair": pair, "name": name, **run(nets[0], a, b, finder, method, match)})
+            if pair == pairs[0]:
+                curves[name] = run.last
             print(f"{label} {pair} {name:12s} max test error {rows[-1]['max_test_error']:.4f} (endpoints "
                   f"{rows[-1]['endpoint_test_error'][0]:.4f}, {rows[-1]['endpoint_test_error'][1]:.4f})")
     return rows
 
 
-results["table1"] = connect_pairs("pair", [WIDTH], True, range(FIRST_PAIR, FIRST_PAIR + PAIRS), TABLE1)
+results["table1"] = connect_pairs("pair", [WIDTH], True, range(FIRST_PAIR, FIRST_PAIR + PAIRS), TABLE1,
+                                  CURVES["table1"])
+plot_errors(CURVES["table1"], f"Table 1: one-hidden-layer MLPs, pair {FIRST_PAIR}")
 
 # %% Table 2: bias-free deep MLPs with the step-wise finders.
 TABLE2 = [("Linear", "simultaneous", "lin", "none"), ("Arc", "simultaneous", "arc", "none"),
           ("Linear+B-fly", "stepwise_butterfly", "lin", "none"), ("Arc+B-fly", "stepwise_butterfly", "arc", "none"),
           ("Linear+WA", "stepwise_wa", "lin", "none"), ("Arc+WA", "stepwise_wa", "arc", "none"),
           ("OT+B-fly", "stepwise_butterfly", "lin", "ot"), ("OT+WA", "stepwise_wa", "lin", "ot")]
-results["table2"] = connect_pairs("deep pair", DEEP, False, range(DEEP_PAIRS), TABLE2)
+results["table2"] = connect_pairs("deep pair", DEEP, False, range(DEEP_PAIRS), TABLE2, CURVES["table2"])
+plot_errors(CURVES["table2"], "Table 2: bias-free deep MLPs, pair 0")
 
 
 # %% Across pairs: mean and std of the max test error per path, and in how many pairs the paper's ordering holds.
@@ -151,6 +184,7 @@ for key in ("table1_across_pairs", "table2_across_pairs"):
 # %% WA(n) ensembles of the deep MLPs vs plain ensembles (the first member is the shared base).
 members = [train_net(DEEP, False, seed) for seed in range(MEMBERS)]
 layers = [f"hidden.{2 * i}" for i in range(len(DEEP))] + ["classifier"]
+plt.figure(figsize=(5, 3.5))
 for n in (1, 2):
     layer = layers[-n]
     res = lmc.wa_ensemble(members[0], [dict(m.state_dict()) for m in members], test, train[0], layer,
@@ -158,6 +192,13 @@ for n in (1, 2):
     results["ensembles"].append({"n": n, "layer": layer, **{k: r.to_dict() for k, r in res.items()}})
     print(f"WA({n}) at {layer}: plain {res['plain'].ensemble_accuracy.round(4).tolist()}, "
           f"WA {res['wa'].ensemble_accuracy.round(4).tolist()}")
+    plt.plot(range(1, len(members) + 1), 100 * res["wa"].ensemble_accuracy, marker="o", label=f"WA({n}) at {layer}")
+plt.plot(range(1, len(members) + 1), 100 * res["plain"].ensemble_accuracy, marker="s", label="plain ensemble")
+plt.xlabel("members")
+plt.ylabel("test accuracy (%)")
+plt.legend(fontsize=8)
+plt.title("WA(n) vs plain ensembles")
+plt.savefig(OUT / "ensembles.png", dpi=100)
 
-OUT.mkdir(parents=True, exist_ok=True)
 (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+print(f"wrote {OUT / 'results.json'}")
