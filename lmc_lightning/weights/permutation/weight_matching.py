@@ -299,7 +299,6 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     units = [tuple(g for g in unit if matcher.entries[g]) for unit in spec.units()]
     units = [u for u in units if u]
     gen = torch.Generator().manual_seed(seed)
-    warm = bool(warm)
     state = _Steps(matcher, spec, perm, solver, lazy, device, warm)
     rounds, converged = 0, False
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
