@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -141,6 +141,15 @@ class BaseDataModule(LightningDataModule):
     def teardown(self, stage: str | None = None) -> None:
         """Free the device copies (host tensors stay for a later stage)."""
         self._resident.clear()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """An ``(x, y)`` batch already on ``device`` (``device_resident``) is returned as it is, without Lightning's
+        walk over the collection; anything else goes through Lightning's transfer. (Lightning then uses this hook, not
+        a LightningModule's own ``transfer_batch_to_device``.)"""
+        if (type(batch) in (tuple, list) and len(batch) == 2
+                and all(type(t) is Tensor and t.device == device for t in batch)):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._dataloader_factory("train")

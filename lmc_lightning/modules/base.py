@@ -192,15 +192,6 @@ class LMCModule(LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self._schedule: dict[str, float] | None = None
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """An ``(x, y)`` batch already on ``device`` (device-resident data) is returned as it is, without Lightning's
-        walk over the collection; anything else goes through Lightning's transfer. A subclass or a datamodule that
-        overrides this hook still wins."""
-        if (type(batch) in (tuple, list) and len(batch) == 2
-                and all(type(t) is Tensor and t.device == device for t in batch)):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_fit_end(self) -> None:
         """Say where the run's files are; forget the schedule length of this fit (a later ``fit`` computes its own)."""
         self._schedule = None

@@ -264,22 +264,20 @@ def test_device_resident_under_trainer(fake_data_root):
     assert not torch.equal(ids[0], ids[1])  # reshuffled between epochs
 
 
-def test_resident_batches_skip_the_transfer_walk(monkeypatch):
+def test_resident_batches_skip_the_transfer_walk(fake_data_root, monkeypatch):
     """An (x, y) batch already on the device comes back as the same tensors without Lightning's transfer; other
-    batches (a dict, a batch of another device) still go through it (the hook of every library module)."""
-    from lmc_lightning.modules import EndpointModule
-
-    module = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 8})
+    batches (a dict, a batch of another device) still go through it."""
+    dm = MNISTDataModule(root=str(fake_data_root), device_resident=True)
     calls = []
-    monkeypatch.setattr(L.LightningModule, "transfer_batch_to_device",
+    monkeypatch.setattr(L.LightningDataModule, "transfer_batch_to_device",
                         lambda self, batch, device, idx: calls.append(batch) or batch)
     x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
     for batch in ((x, y), [x, y]):
-        out = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+        out = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
         assert out is batch and out[0] is x and not calls
     other = {"x": x}
-    assert module.transfer_batch_to_device(other, torch.device("cpu"), 0) is other and calls == [other]
-    module.transfer_batch_to_device((x, y), torch.device("meta"), 0)
+    assert dm.transfer_batch_to_device(other, torch.device("cpu"), 0) is other and calls == [other]
+    dm.transfer_batch_to_device((x, y), torch.device("meta"), 0)
     assert len(calls) == 2
 
 
