@@ -8,13 +8,14 @@
 # BN reset and data-independent RESET, and one-shot global magnitude pruning with and without re-normalisation.
 # Environment: LMC_EPOCHS, LMC_SUBSET (training samples), LMC_PAIRS, LMC_WIDTH, LMC_SEED_WIDTH (width of the seed
 # recipes' net, default LMC_WIDTH), LMC_TEST (test samples), LMC_BN_BATCHES (statistics batches of 500), LMC_DEVICE,
-# LMC_SEED_NET (the seed recipe's net), LMC_OUT, LMC_RECIPES, LMC_PARTS (plain,bn,prune). For runs split over
-# processes (`/work/gpu_requests/issue14.sh`): LMC_CKPT_DIR caches trained endpoints (`<recipe>_<seed>.pt` with their
-# per-epoch losses in `.json`; loaded instead of trained when present), LMC_TRAIN_ONLY=recipe:seed[,...] trains those
-# into the cache and stops, LMC_PAIR_LIST=0,2 evaluates only those pairs, LMC_TRAIN_SECONDS caps training time: after
-# the first epoch the epoch count becomes min(LMC_EPOCHS, what fits), and the step schedule follows it;
-# LMC_START_AT (unix time) makes parallel workers start training together, so that the first epoch is timed under
-# the same load as the others.
+# LMC_SEED_NET (the seed recipe's net), LMC_AMP (0: train in float32 on CUDA; default bf16 autocast), LMC_OUT,
+# LMC_RECIPES, LMC_PARTS (plain,bn,prune). For runs split over processes: LMC_CKPT_DIR caches trained endpoints
+# (`<recipe>_<seed>.pt` with their per-epoch losses in `.json`; loaded instead of trained when present),
+# LMC_TRAIN_ONLY=recipe:seed[,...] trains those into the cache and stops, LMC_PAIR_LIST=0,2 evaluates only those
+# pairs, LMC_TRAIN_SECONDS caps training time: after the first epoch the epoch count becomes min(LMC_EPOCHS, what
+# fits), and the step schedule follows it; LMC_START_AT (unix time) makes parallel workers start training together,
+# so that the first epoch is timed under the same load as the others. An endpoint that diverges (NaN weights) is
+# recorded as such and its pair left out of the means.
 
 # %%
 # %matplotlib inline
@@ -66,6 +67,7 @@ BN_RECIPE = {"net": "vgg11_bn", "kwargs": {"width": WIDTH}, "opt": "sgd", "lr": 
              "schedule": "cosine"}  # SGD: BN nets train with it at this budget
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
 CUDA = DEVICE.startswith("cuda")
+AMP = os.environ.get("LMC_AMP", "1") != "0"  # bf16 autocast for training on CUDA (LMC_AMP=0: float32)
 
 # %%
 data = FashionMNISTDataModule(root="data", batch_size=128, train_subset=SUBSET)
@@ -78,7 +80,7 @@ x_train, y_train, x_test, y_test = (t.to(DEVICE) for t in (x_train, y_train, x_t
 
 
 def _train(r: dict, seed: int) -> tuple[torch.nn.Module, dict]:
-    """SGD (momentum 0.9) or Adam, batch 128, from a seeded init and a seeded data order; bf16 autocast on CUDA.
+    """SGD (momentum 0.9) or Adam, batch 128, from a seeded init and a seeded data order; bf16 autocast on CUDA (LMC_AMP).
 
     Returns the net (eval mode) and its log: mean training loss per epoch, the epochs run and the seconds taken.
     """
@@ -101,7 +103,7 @@ def _train(r: dict, seed: int) -> tuple[torch.nn.Module, dict]:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(1000 + seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA and AMP)
     net.train()
     epoch = 0
     while epoch < epochs:
@@ -190,8 +192,15 @@ for recipe in RECIPES:
     for p in PAIR_LIST:
         a = train(recipe, 2 * p)
         b = train(recipe, 2 * p + 1)
-        trained.setdefault(recipe, a)
         ta, tb = a.state_dict(), b.state_dict()
+        diverged = [s for s, th in ((2 * p, ta), (2 * p + 1, tb)) if not all(v.isfinite().all() for v in th.values())]
+        if diverged:  # a finding, not an error: recorded, and the pair is left out of the means
+            rows.append({"pair": p, "diverged_seeds": diverged})
+            print(recipe, p, f"endpoint(s) of seed(s) {diverged} diverged (NaN weights): pair left out", flush=True)
+            results["plain"][recipe] = rows
+            save()
+            continue
+        trained.setdefault(recipe, a)
         tb_wm, _ = align_weights(a, ta, tb, method="weight")
         row = {"pair": p, "endpoints": midpoints(a, ta, tb, [None], coords=(0.0, 1.0))["None"],
                "naive": midpoints(a, ta, tb, [None])["None"], **midpoints(a, ta, tb_wm, MODES),
@@ -247,8 +256,9 @@ for name, modes in (("ours", ["repair", "rescale"]), ("seed", ["repair", "rescal
 COLUMNS = {"naive": "naive", "None": "WM", "repair": "WM+REPAIR", "rescale": "WM+RESCALE", "reshift": "WM+RESHIFT",
            "rescale_centered": "WM+mean-pres. rescale", "homogeneous": "WM+homog. bias",
            "homogeneous_rescale": "homog.+RESCALE"}
+finished = {recipe: [r for r in rows if "diverged_seeds" not in r] for recipe, rows in results["plain"].items()}
 plot_bars({recipe: [100 * sum(r[c][0] for r in rows) / len(rows) for c in COLUMNS]
-           for recipe, rows in results["plain"].items()}, list(COLUMNS.values()), "midpoint test accuracy (%)",
+           for recipe, rows in finished.items() if rows}, list(COLUMNS.values()), "midpoint test accuracy (%)",
           "plain VGG pairs: weight-matched midpoint, per correction")
 
 # %% Pruning: test accuracy against sparsity, with and without re-normalisation.

@@ -151,3 +151,19 @@ def test_bad_arguments_are_named() -> None:
         align_many(nets, method="activation", order="iterative", data=probe("mlp"))
     with pytest.raises(ValueError, match="at least 2"):
         align_many(nets[:1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_is_guessed_on_the_nets_device() -> None:
+    net_a, net_b = make("vgg11_bn", 0).cuda(), make("vgg11_bn", 1).cuda()
+    theta, _ = align_weights(net_a, net_a.state_dict(), net_b.state_dict())  # probe guessed on the GPU
+    assert theta[next(iter(theta))].is_cuda
+
+
+def test_diverged_weights_are_named_before_matching() -> None:
+    net_a, net_b = make("mlp", 0), make("mlp", 1)
+    theta_b = net_b.state_dict()
+    key = next(iter(theta_b))
+    theta_b[key] = theta_b[key].clone().fill_(float("nan"))
+    with pytest.raises(ValueError, match=f"theta_b has non-finite weights \\(NaN\\) in '{key}'"):
+        align_weights(net_a, net_a.state_dict(), theta_b)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lmc_lightning.weights.data import Data, materialize
-from lmc_lightning.weights.paths import check_compatible
+from lmc_lightning.weights.paths import check_compatible, check_finite
 from lmc_lightning.weights.permutation.activation_matching import activation_matching
 from lmc_lightning.weights.permutation.apply import Permutation, apply_permutation
 from lmc_lightning.weights.permutation.check import check_equivalence, probe_input
@@ -62,6 +62,8 @@ def align_weights(net: nn.Module, theta_a: Mapping[str, Tensor], theta_b: Mappin
     if ste_kwargs and method != "ste":
         raise TypeError(f"Unexpected argument(s) {sorted(ste_kwargs)} for method '{method}'.")
     check_compatible(theta_a, theta_b, names=["theta_a", "theta_b"])
+    check_finite(theta_a, "theta_a")
+    check_finite(theta_b, "theta_b")
     spec = spec if spec is not None else derive_spec(net)
     if method != "weight":
         if data is None:

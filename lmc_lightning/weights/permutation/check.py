@@ -59,10 +59,12 @@ def probe_input(net: nn.Module, data: Data | None = None, n: int = 4, seed: int 
     elif first is not None:
         dims = first.weight.ndim - 2
         candidates = [torch.randn(n, first.in_channels, *(s,) * dims, generator=gen) for s in _PROBE_SIZES]
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    param = next((p for p in net.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
     with eval_mode(net), torch.no_grad():
         for x in candidates:
-            x = x.to(dtype) if x.is_floating_point() else x
+            x = (x.to(dtype) if x.is_floating_point() else x).to(device)
             try:
                 net(x)
             except Exception:  # noqa: BLE001, S112 - any failure means "not this shape"
