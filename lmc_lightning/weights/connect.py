@@ -140,9 +140,12 @@ def solve_wa(features: Tensor, target: Tensor, solver: Solver = "lstsq") -> Tens
     Args:
         features: ``[N, d]`` current features.
         target: ``[N, m]`` values to reproduce.
-        solver: ``"lstsq"`` (``torch.linalg.lstsq``; all-zero feature columns, such as dead ReLUs, are dropped first
-            and get zero weight, so the CUDA driver, which needs full column rank, applies) or ``"pinv"`` (the
-            seed's ``pinv(features) @ target``).
+        solver: ``"lstsq"`` or ``"pinv"`` (the seed's ``pinv(features) @ target``). ``"lstsq"`` is rank-revealing on
+            every device: on the CPU ``torch.linalg.lstsq`` (gelsy, pivoted QR); elsewhere, where torch only offers
+            gels (no rank detection: ill-conditioned features, common for deep conv layers, give huge weights), the
+            minimum-norm solution through the eigendecomposition of ``features^T features``, keeping singular
+            values above ``1e-7`` of the largest (:func:`min_norm_solve`; features computed in float32 carry no
+            information below that).
 
     Returns:
         ``[d, m]`` float64.
@@ -153,13 +156,33 @@ def solve_wa(features: Tensor, target: Tensor, solver: Solver = "lstsq") -> Tens
         return torch.linalg.pinv(f) @ y
     if solver != "lstsq":
         raise ValueError(f"solver must be 'lstsq' or 'pinv', got {solver!r}.")
+    if f.device.type != "cpu":
+        return min_norm_solve(f, y)
     live = f.abs().amax(0) > 0
     out = f.new_zeros(f.shape[1], y.shape[1])
     if bool(live.any()):
-        fl = f[:, live]
-        # CPU: gelsy (pivoted QR, rank-revealing; torch's default there); CUDA: gels (needs full column rank)
-        out[live] = torch.linalg.lstsq(fl, y).solution
+        out[live] = torch.linalg.lstsq(f[:, live], y).solution  # gelsy: rank-revealing
     return out
+
+
+def min_norm_solve(f: Tensor, y: Tensor, rtol: float = 1e-7) -> Tensor:
+    """Minimum-norm least squares ``pinv(f) @ y`` from the eigendecomposition of the Gram matrix ``f^T f``.
+
+    Singular values of ``f`` below ``rtol`` times the largest are dropped (``rtol`` must stay well above float64's
+    resolution of the squared values, about ``1e-8``).
+
+    Args:
+        f: ``[N, d]`` float64.
+        y: ``[N, m]`` float64.
+        rtol: Relative singular-value cutoff.
+
+    Returns:
+        ``[d, m]``.
+    """
+    lam, vec = torch.linalg.eigh(f.T @ f)
+    keep = lam > lam.max().clamp_min(torch.finfo(f.dtype).tiny) * rtol**2
+    v = vec[:, keep]
+    return v @ ((v.T @ (f.T @ y)) / lam[keep, None])
 
 
 def weight_adjust(weight: Tensor, f_target: Tensor, f_current: Tensor, solver: Solver = "lstsq") -> Tensor:

@@ -17,6 +17,7 @@ from lmc_lightning.weights.connect import (
     layer_chain,
     layer_features,
     match_samples,
+    min_norm_solve,
     permute_units,
     weight_adjust,
 )
@@ -110,6 +111,20 @@ def test_wa_is_the_seed_formula_and_reproduces_outputs():
     assert torch.allclose(weight_adjust(w1, f1, f2, solver="pinv"), seed_form, atol=1e-10)
     f2[:, 2] = 0  # a dead unit: zero weight, same fit
     assert torch.allclose(weight_adjust(w1, f1, f2), w1 @ f1.T @ torch.linalg.pinv(f2.T), atol=1e-10)
+
+
+def test_min_norm_solve_drops_noise_directions_where_gels_blows_up():
+    torch.manual_seed(0)
+    f = torch.randn(200, 6, dtype=torch.float64)
+    f[:, 5] = f[:, 1] + 1e-12 * torch.randn(200, dtype=torch.float64)  # collinear up to float32-scale noise
+    y = torch.randn(200, 2, dtype=torch.float64)
+    x = min_norm_solve(f, y)
+    assert torch.allclose(x, torch.linalg.pinv(f, rtol=1e-7) @ y, atol=1e-8)
+    assert torch.allclose(x[1], x[5], atol=1e-8)  # the weight is split over the two copies, minimum norm
+    gels = torch.linalg.lstsq(f, y, driver="gels").solution  # what CUDA's only driver does
+    assert gels.abs().max() > 1e3 * x.abs().max()
+    rank5 = torch.linalg.lstsq(f[:, :5], y).solution  # the fit without the noise direction
+    assert torch.isclose((f @ x - y).norm(), (f[:, :5] @ rank5 - y).norm(), atol=1e-8)
 
 
 @pytest.mark.parametrize("finder", FINDERS)
