@@ -80,7 +80,8 @@ x_train, y_train, x_test, y_test = (t.to(DEVICE) for t in (x_train, y_train, x_t
 
 
 def _train(r: dict, seed: int) -> tuple[torch.nn.Module, dict]:
-    """SGD (momentum 0.9) or Adam, batch 128, from a seeded init and a seeded data order; bf16 autocast on CUDA (LMC_AMP).
+    """SGD (momentum 0.9) or Adam, batch 128, from a seeded init and a seeded data order; bf16 autocast on CUDA
+    (LMC_AMP).
 
     Returns the net (eval mode) and its log: mean training loss per epoch, the epochs run and the seconds taken.
     """

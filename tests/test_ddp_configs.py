@@ -41,6 +41,6 @@ def test_pair_barrier_config_runs_under_two_process_ddp(fake_fmnist_root: Path, 
     assert barrier and all(math.isfinite(v) for v in barrier), rows
     (ckpt,) = (tmp_path / "runs/ddp/PairModule").rglob("last.ckpt")
     net_a, net_b = load_net(ckpt, prefix="net_a"), load_net(ckpt, prefix="net_b")
-    diff = max((a - b).abs().max().item() for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values())
-               if a.is_floating_point())
+    pairs = zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True)
+    diff = max((a - b).abs().max().item() for a, b in pairs if a.is_floating_point())
     assert diff > 1e-4  # two nets from different seeds, both saved by rank zero

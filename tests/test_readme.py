@@ -246,7 +246,8 @@ def test_bare_import_reaches_the_subpackages() -> None:
 
 def test_path_test_logs_a_summary_a_figure_and_shows_progress(trained, fake_fmnist_root: Path, tmp_path: Path,
                                                              capsys) -> None:
-    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, bars over matching and points."""
+    """`lmc test` on a path: barriers and endpoint values as scalars, the curve as an image, bars over matching and
+    points."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = ["test", "--model", "InterpolationModule", "--model.endpoints", f"[{trained[0]},{trained[1]}]",

@@ -51,7 +51,8 @@ def _module(files: list[str], **kwargs) -> SurfaceModule:
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     # CPU: the tests replay steps with direct CPU computations (exact comparisons)
     return pl.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, logger=False, default_root_dir=tmp_path, limit_val_batches=0, **kwargs)
+                      enable_checkpointing=False, logger=False, default_root_dir=tmp_path, limit_val_batches=0,
+                      **kwargs)
 
 
 def test_degree_is_mcsurface_num_bends() -> None:
