@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lmc_lightning.nets import get_net
 from lmc_lightning.weights.permutation import PermutationSpec, apply_permutation, derive_spec, weight_matching
-from lmc_lightning.weights.permutation.solvers import has_lap
+from lmc_lightning.weights.permutation.solvers import has_lap, resolve_solver
 
 wm = importlib.import_module("lmc_lightning.weights.permutation.weight_matching")  # the module, not the function
 
@@ -154,6 +154,8 @@ def barrier(net: torch.nn.Module, a: dict, b: dict, spec: PermutationSpec, perm:
 
 VARIANTS = {  # name -> weight_matching arguments
     "today": {"lazy": False, "solver": "scipy", "workers": 1, "warm": False},
+    "default": {},  # weight_matching's defaults: lazy, solver="auto" (lap if installed), threads on a GPU
+    "default+stream": {"stream": True},
     "lazy": {"lazy": True, "solver": "scipy", "workers": 1, "warm": False},
     "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8, "warm": False},
     "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1, "warm": False},
@@ -208,7 +210,8 @@ def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, va
             wm.solve_assignment = timer.inner
         row = {"net": label, "variant": variant, "params": sum(p.numel() for p in nets[0].parameters()),
                "groups": len(spec.groups), "s": seconds, "lsa_s": timer.seconds, "rounds": result.rounds,
-               "solves": result.solves, "cold": result.cold, "certified": result.certified, "bids": result.bids,
+               "solves": result.solves, "converged": result.converged, "cold": result.cold,
+               "certified": result.certified, "bids": result.bids,
                "objective": result.objective}
         if device.type == "cuda":
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -234,8 +237,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny widths, for a CPU smoke run")
     parser.add_argument("--nets", nargs="+", default=["vgg16", "resnet20x16"], choices=list(FULL))
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                        help="default: today, lazy, lazy+threads, lazy+lap+threads (if installed), and on CUDA "
-                             "warm+threads, warm+auction+threads, warm+stream+threads (on the CPU: stream)")
+                        help="default: today, lazy, lazy+threads, lazy+lap (if installed), default, default+stream")
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--ref-max-iter", type=int, default=0,
                         help="round limit of the textbook numpy reference (0, the default, skips it)")
@@ -247,14 +249,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = args.variants or (["today", "lazy", "lazy+threads"] + (["lazy+lap+threads"] if has_lap() else [])
-                                 + (["warm+threads", "warm+auction+threads", "warm+stream+threads"]
-                                    if device.type == "cuda" else ["stream"]))
+    variants = args.variants or (["today", "lazy", "lazy+threads"] + (["lazy+lap"] if has_lap() else [])
+                                 + ["default", "default+stream"])
     data = fmnist(device) if args.train_steps else None
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()}"
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()} "
+          f"default solver={resolve_solver('auto')} workers={wm.default_workers(device)}"
           + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
     print(f"{'net':12s} {'variant':15s} {'params':>11s} {'groups':>6s} {'s':>8s} {'lsa_s':>7s} {'rounds':>6s} "
-          f"{'solves':>6s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s} "
+          f"{'solves':>6s} {'conv':>4s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s} "
           f"{'cold':>4s} {'cert':>4s} {'bids':>6s} objective")
     for label in args.nets:
         t_data = time.perf_counter()
@@ -264,7 +266,8 @@ def main() -> None:
             base = base or r["s"]
             fmt = lambda key, spec, r=r: format(r[key], spec) if key in r else "-"
             print(f"{r['net']:12s} {r['variant']:15s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
-                  f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} {base / r['s']:6.2f}x "
+                  f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} "
+                  f"{str(r.get('converged', '-'))[0]:>4s} {base / r['s']:6.2f}x "
                   f"{r['agree']:3d}/{r['groups']:<2d} {fmt('peak_mib', '8.1f'):>8s} {fmt('barrier', '8.4f'):>8s} "
                   f"{fmt('naive', '7.3f'):>7s} {fmt('cold', 'd'):>4s} {fmt('certified', 'd'):>4s} "
                   f"{fmt('bids', 'd'):>6s} {fmt('objective', '.9g')}", flush=True)

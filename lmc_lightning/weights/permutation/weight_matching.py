@@ -66,6 +66,11 @@ def solve_assignment(cost: Tensor, solver: str = "scipy") -> Tensor:
     return _solve(cost, solver)
 
 
+def default_workers(device: torch.device) -> int:
+    """Threads of ``weight_matching(workers=None)``: up to 8 when cost matrices are built on a GPU, else 1."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+
+
 def _unfold(tensor: Tensor, ax: AxisLike, n: int) -> Tensor:
     """``tensor`` with the group's axis (segment) first, as ``[n, rest]`` (each unit's block folded into its row)."""
     if ax.offset or ax.length is not None:
@@ -161,7 +166,8 @@ class _Steps:
         costs = {}
         for group in unit:
             cost = self.matcher.cost(group, self.perm)
-            costs[group] = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
+            # the solvers take the matmul's own dtype (scipy converts to float64 itself, lapjvh keeps float32)
+            costs[group] = cost if self.solver == "auction" else cost.to("cpu")
         if len(unit) == 1 and unit[0] not in self.spec.heads:
             cols = {unit[0]: solve_assignment(costs[unit[0]], self.solver)}
         else:
@@ -170,8 +176,8 @@ class _Steps:
         changed = False
         for group, cost in costs.items():
             rows = torch.arange(cost.shape[0])
-            old += cost[rows, self.perm[group].to(cost.device)].sum().item()
-            new += cost[rows, cols[group].to(cost.device)].sum().item()
+            old += cost[rows, self.perm[group].to(cost.device)].sum(dtype=torch.float64).item()
+            new += cost[rows, cols[group].to(cost.device)].sum(dtype=torch.float64).item()
             changed |= not torch.equal(cols[group], self.perm[group].cpu())
         return self.update(unit, cols, changed, new > old + 1e-12 * abs(old))
 
@@ -286,7 +292,7 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     first = next(iter(theta_a.values()))
     device = torch.device(device) if device is not None else first.device
     if workers is None:
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+        workers = default_workers(device)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     solver = resolve_solver(solver)
