@@ -33,10 +33,10 @@ from lmc_lightning.weights.permutation.solvers import has_lap, resolve_solver
 
 wm = importlib.import_module("lmc_lightning.weights.permutation.weight_matching")  # the module, not the function
 
-FULL = {"mlp": ("mlp", {"width": 2048, "depth": 3}), "vgg16": ("vgg16", {"width": 4.0}),
+FULL = {"mlp": ("mlp", {"width": 2048, "depth": 3}), "vgg16": ("vgg16", {"width": 4.0, "init": "kaiming_normal"}),
         "vgg16bn": ("vgg16_bn", {"width": 4.0}),
         "resnet20": ("resnet20", {"width": 4.0}), "resnet20x16": ("resnet20", {"width": 16.0})}
-QUICK = {"mlp": ("mlp", {"width": 64, "depth": 3}), "vgg16": ("vgg16", {"width": 0.25}),
+QUICK = {"mlp": ("mlp", {"width": 64, "depth": 3}), "vgg16": ("vgg16", {"width": 0.25, "init": "kaiming_normal"}),
          "vgg16bn": ("vgg16_bn", {"width": 0.25}),
          "resnet20": ("resnet20", {"width": 0.5}), "resnet20x16": ("resnet20", {"width": 2.0})}
 
@@ -112,10 +112,17 @@ def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tenso
     return {"x_train": xt, "y_train": yt, "x_test": xv, "y_test": yv}
 
 
-def train(net: torch.nn.Module, data: dict, steps: int, seed: int) -> None:
+def train(net: torch.nn.Module, data: dict, steps: int, seed: int, width: float = 1.0) -> None:
+    """``steps`` of SGD (nets with BatchNorm, lr 0.05) or Adam (without: lr 3e-4, divided by the width multiplier)
+    on batches of 256, linear warm-up over 30 steps and linear decay. Plain VGG-16 did not train in 150 SGD steps
+    from PyTorch's default init; with Kaiming init and Adam, VGG-16 x1/4 reached test loss 1.21 in 60 steps (CPU)."""
     gen = torch.Generator().manual_seed(seed)
-    lr = 0.05 if any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) else 0.01
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()):
+        lr = 0.05
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    else:
+        lr = 3e-4 / max(1.0, width)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     for step in range(steps):
         idx = torch.randint(len(data["x_train"]), (256,), generator=gen).to(data["x_train"].device)
@@ -179,7 +186,7 @@ def bench(label: str, device: torch.device, max_iter: int, ref_max_iter: int, va
         torch.manual_seed(seed)
         net = get_net(name, num_classes=10, in_channels=1 if data else 3, input_size=32, **kwargs).to(device)
         if data is not None and steps:
-            train(net, data, steps, seed)
+            train(net, data, steps, seed, kwargs["width"] if name != "mlp" else 1.0)  # mlp: width in units
         nets.append(net)
     theta_a = {k: v.detach().clone() for k, v in nets[0].state_dict().items()}
     theta_b = {k: v.detach().clone() for k, v in nets[1].state_dict().items()}
