@@ -58,8 +58,11 @@ def _scipy(cost: Tensor) -> Tensor:
 def _lap(cost: Tensor) -> Tensor:
     import lap
 
+    cost = cost.detach().cpu()
+    if cost.dtype not in (torch.float32, torch.float64):  # half, bfloat16 (no numpy dtype), integers
+        cost = cost.double()
     # negation is exact; lapjvh keeps float32 costs as they are (float64 potentials and distances)
-    c = np.ascontiguousarray(-cost.detach().cpu().numpy())
+    c = np.ascontiguousarray(-cost.numpy())
     if hasattr(lap, "lapjvh"):
         _, col = lap.lapjvh(c, return_cost=False)
     else:  # the original lap package or lapx < 0.9: float64 only
