@@ -4,14 +4,16 @@ Ours: ``lmc_lightning.weights.permutation.weight_matching``. ``today`` runs it a
 (``lazy=False, solver="scipy"``, both weight dicts resident on the device): every round solves every group with scipy.
 The variants, measured in the same run on the same pair of nets, are exact savings (``lazy``: a group whose cost
 matrix is unchanged since its last solve is not solved again, so the path is the same) and other solvers (``lap``
-when installed, ``auction``: our torch auction solver on the device), resident or streamed (``stream``: one group's
-tensors on the device at a time). For each: seconds, rounds, solves, peak device memory (CUDA), groups whose
+when installed: lapx's ``lapjvh`` on float32 costs, ``auction``: our torch auction solver on the device), resident or
+streamed (``stream``: one group's tensors on the device at a time); ``default`` is ``weight_matching``'s defaults
+(lazy, ``solver="auto"``, threads on a GPU). For each: seconds, rounds, solves, peak device memory (CUDA), groups whose
 permutation equals today's, and the loss barrier at the midpoint of A and aligned B (with ``--train-steps``, both
 nets are first trained on real Fashion-MNIST so that the barrier means something). The textbook numpy reference
 (``--ref-max-iter``, a per-layer loop with scipy) is the older baseline of the README table.
 
     python benchmarks/align.py --quick                               # tiny nets on CPU (seconds)
-    python benchmarks/align.py --device cuda --nets vgg16 resnet20x16 --train-steps 150   # issue 15's targets
+    python benchmarks/align.py --device cuda --nets resnet20x16 --train-steps 100          # issue 15's targets
+    python benchmarks/align.py --device cuda --nets vgg16 --train-steps 100 --max-iter 40  # (VGG-16 x4: ~1 s a round)
 """
 
 from __future__ import annotations
