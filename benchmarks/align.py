@@ -164,7 +164,8 @@ def barrier(net: torch.nn.Module, a: dict, b: dict, spec: PermutationSpec, perm:
 VARIANTS = {  # name -> weight_matching arguments
     "today": {"lazy": False, "solver": "scipy", "workers": 1, "warm": False},
     "default": {},  # weight_matching's defaults: lazy, solver="auto" (lap if installed), threads on a GPU
-    "default+stream": {"stream": True},
+    "default+stream": {"stream": True},  # pinned host copies on CUDA
+    "default+stream-unpinned": {"stream": True, "pin": False},
     "lazy": {"lazy": True, "solver": "scipy", "workers": 1, "warm": False},
     "lazy+threads": {"lazy": True, "solver": "scipy", "workers": 8, "warm": False},
     "lazy+lap": {"lazy": True, "solver": "lap", "workers": 1, "warm": False},
@@ -268,7 +269,7 @@ def main() -> None:
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} lap={has_lap()} "
           f"default solver={resolve_solver('auto')} workers={wm.default_workers(device)}"
           + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
-    print(f"{'net':12s} {'variant':15s} {'params':>11s} {'groups':>6s} {'s':>8s} {'lsa_s':>7s} {'rounds':>6s} "
+    print(f"{'net':12s} {'variant':23s} {'params':>11s} {'groups':>6s} {'s':>8s} {'lsa_s':>7s} {'rounds':>6s} "
           f"{'solves':>6s} {'conv':>4s} {'speedup':>7s} {'agree':>6s} {'peak_MiB':>8s} {'barrier':>8s} {'naive':>7s} "
           f"{'cold':>4s} {'cert':>4s} {'bids':>6s} objective")
     for label in args.nets:
@@ -278,7 +279,7 @@ def main() -> None:
                        args.quick):
             base = base or r["s"]
             fmt = lambda key, spec, r=r: format(r[key], spec) if key in r else "-"
-            print(f"{r['net']:12s} {r['variant']:15s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
+            print(f"{r['net']:12s} {r['variant']:23s} {r['params']:11,d} {r['groups']:6d} {r['s']:8.3f} "
                   f"{fmt('lsa_s', '7.3f'):>7s} {r['rounds']:6d} {fmt('solves', 'd'):>6s} "
                   f"{str(r.get('converged', '-'))[0]:>4s} {base / r['s']:6.2f}x "
                   f"{r['agree']:3d}/{r['groups']:<2d} {fmt('peak_mib', '8.1f'):>8s} {fmt('barrier', '8.4f'):>8s} "

@@ -178,3 +178,14 @@ def test_default_weight_matching_takes_the_exact_loops_path(name: str, kwargs: d
     direct = _direct_objective(spec, a, b, exact.perm)
     assert exact.objective == pytest.approx(direct, rel=1e-5)
     assert direct > _direct_objective(spec, a, b, {g: torch.arange(len(p)) for g, p in exact.perm.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked streaming needs a CUDA device")
+def test_pinned_streaming_on_cuda_takes_the_resident_path() -> None:
+    spec, a, b = _pair("resnet20", input_size=8, width=0.5)
+    resident = weight_matching(spec, {k: v.cuda() for k, v in a.items()}, {k: v.cuda() for k, v in b.items()})
+    for pin in (True, False):
+        streamed = weight_matching(spec, a, b, device="cuda", stream=True, pin=pin)
+        assert streamed.rounds == resident.rounds and streamed.solves == resident.solves
+        assert all(torch.equal(streamed.perm[g], resident.perm[g]) for g in spec.groups)
+        assert streamed.objective == pytest.approx(resident.objective, rel=1e-6)

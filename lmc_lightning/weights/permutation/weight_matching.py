@@ -86,7 +86,7 @@ class _Matcher:
     """
 
     def __init__(self, spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
-                 device: torch.device, stream: bool = False) -> None:
+                 device: torch.device, stream: bool = False, pin: bool = True) -> None:
         self.sizes = spec.sizes(theta_a)
         spec.sizes(theta_b)
         by_key = spec.by_key()
@@ -107,6 +107,9 @@ class _Matcher:
         home = None if stream else device
         self.b = {k: theta_b[k].detach().to(home or theta_b[k].device) for k in keys}
         self.a = {k: theta_a[k].detach().to(home or theta_a[k].device, dtype) for k in keys}
+        if stream and pin and device.type == "cuda":  # page-locked host copies: faster, asynchronous transfers
+            self.a = {k: v if v.is_cuda or v.is_pinned() else v.pin_memory() for k, v in self.a.items()}
+            self.b = {k: v if v.is_cuda or v.is_pinned() else v.pin_memory() for k, v in self.b.items()}
         self.a_rows = {} if stream else {g: self.rows(self.a, g, None) for g, axes in self.entries.items() if axes}
 
     def rows(self, theta: Mapping[str, Tensor], group: str, perm: Mapping[str, Tensor] | None) -> Tensor:
@@ -248,7 +251,7 @@ class _Steps:
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
                     device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
-                    stream: bool = False, workers: int | None = None, warm: bool = False,
+                    stream: bool = False, pin: bool = True, workers: int | None = None, warm: bool = False,
                     progress: Callable[[int], Any] | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
@@ -272,6 +275,9 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
             was before issue 15 (every group every round, scipy in float64).
         lazy: Skip a group whose cost matrix is unchanged since its last solve (same result, fewer solves).
         stream: Keep both weight dicts where they are and move one group's tensors at a time to ``device``.
+        pin: With ``stream`` and a CUDA ``device``, first copy the host tensors to page-locked memory (one more
+            host copy of both dicts; transfers about twice as fast and asynchronous). Tensors already pinned or on
+            the GPU are used as they are.
         workers: Threads that solve, at the same time, steps of a round that share no weight (a step waits for the
             earlier steps of the groups it shares a weight with), so the result is the same as with one worker.
             Default: up to 8 when the cost matrices are computed on a GPU, else 1 (on the CPU the matmuls already
@@ -299,7 +305,7 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     solver = resolve_solver(solver)
-    matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream)
+    matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream, pin=pin)
     perm = identity(spec, theta_a)
     if init is not None:
         check_permutation(spec, init, theta_a)
