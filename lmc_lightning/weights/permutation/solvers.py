@@ -7,13 +7,13 @@ package (the ``fast`` extra), whose ``lapjvh`` (Jonker-Volgenant with float64 po
 cost in its own dtype: float32 costs are solved as they are, without a float64 copy; with an older ``lapx`` or the
 original ``lap`` package, ``lapjv``. ``auto`` picks ``lap`` when it is installed and ``scipy`` otherwise; it never
 picks ``auction``: on an H200 a cold auction was 25x slower than scipy for ResNet-20 x16 weight matching (hundreds to
-thousands of bidding rounds of ~20 small kernels each), and a warm-started one still takes ~2-5 bidding rounds per
-row on weight-matching costs (the tail of the last phase). Measured on the cost matrices that weight matching solves
-(CPU, one thread, same assignments in every case): ``lapjvh`` on float32 costs 4.7x faster than scipy for an MLP of
-width 2048 trained on Fashion-MNIST (51 matrices, n = 2048), 4.2x for VGG-16 x1/2 (234 matrices, n = 32-256);
-``lapjv`` 1.5x. :func:`dual_prices` gives exact duals of an optimal assignment, :func:`optimality_gap` uses them as a
-certificate; weight matching's ``warm`` steps use both. ``benchmarks/align.py`` holds the measurements behind the
-choices.
+thousands of bidding rounds of ~20 small kernels each), and a warm-started one still takes ~2-5 bidding rounds per row
+on weight-matching costs (the tail of the last phase). Measured on the cost matrices that weight matching solves (CPU,
+one thread, same assignments in every case): ``lapjvh`` on float32 costs 4.7x faster than scipy for an MLP of width
+2048 trained on Fashion-MNIST (51 matrices, n = 2048), 4.2x at width 1024 (57, n = 1024), 4.2x for random VGG-16 x1/2
+(234, n = 32-256); ``lapjv`` 1.0-1.6x. :func:`dual_prices` gives exact duals of an optimal assignment,
+:func:`optimality_gap` uses them as a certificate; weight matching's ``warm`` steps use both. ``benchmarks/align.py``
+holds the measurements behind the choices.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _lap(cost: Tensor) -> Tensor:
     c = np.ascontiguousarray(-cost.numpy())
     if hasattr(lap, "lapjvh"):
         _, col = lap.lapjvh(c, return_cost=False)
-    else:  # the original lap package or lapx < 0.9: float64 only
+    else:  # the original lap package, or an lapx without lapjvh: float64 only
         col, _ = lap.lapjv(c.astype(np.float64, copy=False), extend_cost=False, return_cost=False)
     return torch.from_numpy(np.asarray(col, dtype=np.int64))
 

@@ -276,8 +276,9 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         lazy: Skip a group whose cost matrix is unchanged since its last solve (same result, fewer solves).
         stream: Keep both weight dicts where they are and move one group's tensors at a time to ``device``.
         pin: With ``stream`` and a CUDA ``device``, first copy the host tensors to page-locked memory (one more
-            host copy of both dicts; transfers about twice as fast and asynchronous). Tensors already pinned or on
-            the GPU are used as they are.
+            host copy of both dicts, for faster, asynchronous transfers; the gain on an H200 is not measured yet:
+            ``benchmarks/align.py`` compares ``default+stream`` with ``default+stream-unpinned``). Tensors already
+            pinned or on the GPU are used as they are.
         workers: Threads that solve, at the same time, steps of a round that share no weight (a step waits for the
             earlier steps of the groups it shares a weight with), so the result is the same as with one worker.
             Default: up to 8 when the cost matrices are computed on a GPU, else 1 (on the CPU the matmuls already
