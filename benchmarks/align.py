@@ -12,8 +12,7 @@ nets are first trained on real Fashion-MNIST so that the barrier means something
 (``--ref-max-iter``, a per-layer loop with scipy) is the older baseline of the README table.
 
     python benchmarks/align.py --quick                               # tiny nets on CPU (seconds)
-    python benchmarks/align.py --device cuda --nets resnet20x16 --train-steps 100          # issue 15's targets
-    python benchmarks/align.py --device cuda --nets vgg16 --train-steps 100 --max-iter 40  # (VGG-16 x4: ~1 s a round)
+    python benchmarks/align.py --device cuda --nets resnet20x16 vgg16 --train-steps 100 --max-iter 40  # issue 15
 """
 
 from __future__ import annotations
