@@ -131,3 +131,61 @@ def test_concurrent_steps_give_the_sequential_result() -> None:
     assert all(torch.equal(one.perm[g], many.perm[g]) for g in spec.groups)
     with pytest.raises(ValueError, match="workers"):
         weight_matching(spec, a, b, workers=0)
+
+
+@pytest.mark.skipif(not has_lap(), reason="the lapx package (the fast extra) is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lap_and_scipy_agree(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 17, 64, 300):
+        for name, cost in _matrices(n).items():
+            cost = cost.to(dtype)
+            ref, col = solve_assignment(cost, "scipy"), solve_assignment(cost, "lap")
+            assert torch.equal(col.sort().values, torch.arange(n)), (n, name)
+            best = _objective(cost.double(), ref)
+            assert _objective(cost.double(), col) == pytest.approx(best, rel=1e-12, abs=1e-12), (n, name)
+            if "tie" not in name:  # continuous random costs: one optimum, so the same assignment
+                assert torch.equal(col, ref), (n, name)
+        scaled = 1e4 * torch.randn(n, n, generator=gen, dtype=dtype) + 1e6  # large offset: float32 rounding
+        assert torch.equal(solve_assignment(scaled, "lap"), solve_assignment(scaled, "scipy"))
+    cost = torch.randn(40, 40, generator=gen, dtype=dtype)
+    view = cost.T  # non-contiguous, and half precision (no numpy dtype) is solved in float64
+    assert torch.equal(solve_assignment(view, "lap"), solve_assignment(view, "scipy"))
+    assert torch.equal(solve_assignment(cost.bfloat16(), "lap"), solve_assignment(cost.bfloat16(), "scipy"))
+
+
+def _direct_objective(spec: PermutationSpec, a: dict, b: dict, perm: dict) -> float:
+    from lmc_lightning.weights.permutation import apply_permutation
+
+    aligned = apply_permutation(b, spec, perm)
+    return sum(float((a[k].double() * aligned[k].double()).sum()) for k in spec.by_key()
+               if k not in spec.buffers and a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("name,kwargs", [("vgg11", {"input_size": 16, "width": 0.25}),
+                                         ("resnet20", {"input_size": 8, "width": 1.0}),
+                                         ("mlp", {"input_size": 8, "width": 48, "depth": 3})])
+def test_default_weight_matching_takes_the_exact_loops_path(name: str, kwargs: dict) -> None:
+    """The default (lazy steps, ``auto`` solver: lapjvh on float32 costs where installed, threads on a GPU) finds
+    the same permutations, rounds and objective as the textbook loop (every group every round, scipy in float64)."""
+    spec, a, b = _pair(name, **kwargs)
+    exact = weight_matching(spec, a, b, solver="scipy", lazy=False, workers=1)
+    for workers in (None, 3):
+        fast = weight_matching(spec, a, b, workers=workers)
+        assert fast.rounds == exact.rounds >= 2 and fast.solves < exact.solves
+        assert all(torch.equal(fast.perm[g], exact.perm[g]) for g in spec.groups)
+        assert fast.objective == pytest.approx(exact.objective, rel=1e-6)
+    direct = _direct_objective(spec, a, b, exact.perm)
+    assert exact.objective == pytest.approx(direct, rel=1e-5)
+    assert direct > _direct_objective(spec, a, b, {g: torch.arange(len(p)) for g, p in exact.perm.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked streaming needs a CUDA device")
+def test_pinned_streaming_on_cuda_takes_the_resident_path() -> None:
+    spec, a, b = _pair("resnet20", input_size=8, width=0.5)
+    resident = weight_matching(spec, {k: v.cuda() for k, v in a.items()}, {k: v.cuda() for k, v in b.items()})
+    for pin in (True, False):
+        streamed = weight_matching(spec, a, b, device="cuda", stream=True, pin=pin)
+        assert streamed.rounds == resident.rounds and streamed.solves == resident.solves
+        assert all(torch.equal(streamed.perm[g], resident.perm[g]) for g in spec.groups)
+        assert streamed.objective == pytest.approx(resident.objective, rel=1e-6)

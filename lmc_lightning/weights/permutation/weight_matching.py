@@ -66,6 +66,11 @@ def solve_assignment(cost: Tensor, solver: str = "scipy") -> Tensor:
     return _solve(cost, solver)
 
 
+def default_workers(device: torch.device) -> int:
+    """Threads of ``weight_matching(workers=None)``: up to 8 when cost matrices are built on a GPU, else 1."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+
+
 def _unfold(tensor: Tensor, ax: AxisLike, n: int) -> Tensor:
     """``tensor`` with the group's axis (segment) first, as ``[n, rest]`` (each unit's block folded into its row)."""
     if ax.offset or ax.length is not None:
@@ -81,7 +86,7 @@ class _Matcher:
     """
 
     def __init__(self, spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
-                 device: torch.device, stream: bool = False) -> None:
+                 device: torch.device, stream: bool = False, pin: bool = True) -> None:
         self.sizes = spec.sizes(theta_a)
         spec.sizes(theta_b)
         by_key = spec.by_key()
@@ -102,6 +107,9 @@ class _Matcher:
         home = None if stream else device
         self.b = {k: theta_b[k].detach().to(home or theta_b[k].device) for k in keys}
         self.a = {k: theta_a[k].detach().to(home or theta_a[k].device, dtype) for k in keys}
+        if stream and pin and device.type == "cuda":  # page-locked host copies: faster, asynchronous transfers
+            self.a = {k: v if v.is_cuda or v.is_pinned() else v.pin_memory() for k, v in self.a.items()}
+            self.b = {k: v if v.is_cuda or v.is_pinned() else v.pin_memory() for k, v in self.b.items()}
         self.a_rows = {} if stream else {g: self.rows(self.a, g, None) for g, axes in self.entries.items() if axes}
 
     def rows(self, theta: Mapping[str, Tensor], group: str, perm: Mapping[str, Tensor] | None) -> Tensor:
@@ -161,7 +169,8 @@ class _Steps:
         costs = {}
         for group in unit:
             cost = self.matcher.cost(group, self.perm)
-            costs[group] = cost if self.solver == "auction" else cost.to("cpu", torch.float64)
+            # the solvers take the matmul's own dtype (scipy converts to float64 itself, lapjvh keeps float32)
+            costs[group] = cost if self.solver == "auction" else cost.to("cpu")
         if len(unit) == 1 and unit[0] not in self.spec.heads:
             cols = {unit[0]: solve_assignment(costs[unit[0]], self.solver)}
         else:
@@ -170,8 +179,8 @@ class _Steps:
         changed = False
         for group, cost in costs.items():
             rows = torch.arange(cost.shape[0])
-            old += cost[rows, self.perm[group].to(cost.device)].sum().item()
-            new += cost[rows, cols[group].to(cost.device)].sum().item()
+            old += cost[rows, self.perm[group].to(cost.device)].sum(dtype=torch.float64).item()
+            new += cost[rows, cols[group].to(cost.device)].sum(dtype=torch.float64).item()
             changed |= not torch.equal(cols[group], self.perm[group].cpu())
         return self.update(unit, cols, changed, new > old + 1e-12 * abs(old))
 
@@ -242,7 +251,7 @@ class _Steps:
 def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_b: Mapping[str, Tensor],
                     max_iter: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None,
                     device: str | torch.device | None = None, solver: str = "auto", lazy: bool = True,
-                    stream: bool = False, workers: int | None = None, warm: bool = False,
+                    stream: bool = False, pin: bool = True, workers: int | None = None, warm: bool = False,
                     progress: Callable[[int], Any] | None = None) -> MatchResult:
     """Find the permutation of B's units that best matches A's weights.
 
@@ -260,9 +269,16 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
         init: Starting permutation (default identity).
         device: Where to compute the cost matrices (default: the device of A's weights).
         solver: Linear assignment solver, one of
-            :data:`~lmc_lightning.weights.permutation.solvers.SOLVERS` (``auto``: ``lap`` if installed, else scipy).
+            :data:`~lmc_lightning.weights.permutation.solvers.SOLVERS` (``auto``: ``lap``, i.e. lapx's ``lapjvh`` on
+            the cost matrices in their own dtype, if the ``fast`` extra is installed, else scipy; both exact, and
+            lapjvh 4-5x faster on weight-matching costs). ``solver="scipy", lazy=False, workers=1`` is the loop as it
+            was before issue 15 (every group every round, scipy in float64).
         lazy: Skip a group whose cost matrix is unchanged since its last solve (same result, fewer solves).
         stream: Keep both weight dicts where they are and move one group's tensors at a time to ``device``.
+        pin: With ``stream`` and a CUDA ``device``, first copy the host tensors to page-locked memory (one more
+            host copy of both dicts, for faster, asynchronous transfers; the gain on an H200 is not measured yet:
+            ``benchmarks/align.py`` compares ``default+stream`` with ``default+stream-unpinned``). Tensors already
+            pinned or on the GPU are used as they are.
         workers: Threads that solve, at the same time, steps of a round that share no weight (a step waits for the
             earlier steps of the groups it shares a weight with), so the result is the same as with one worker.
             Default: up to 8 when the cost matrices are computed on a GPU, else 1 (on the CPU the matmuls already
@@ -286,11 +302,11 @@ def weight_matching(spec: PermutationSpec, theta_a: Mapping[str, Tensor], theta_
     first = next(iter(theta_a.values()))
     device = torch.device(device) if device is not None else first.device
     if workers is None:
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+        workers = default_workers(device)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     solver = resolve_solver(solver)
-    matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream)
+    matcher = _Matcher(spec, theta_a, theta_b, device, stream=stream, pin=pin)
     perm = identity(spec, theta_a)
     if init is not None:
         check_permutation(spec, init, theta_a)
