@@ -101,7 +101,10 @@ def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tenso
     """Real Fashion-MNIST padded to 32x32 (first ``n_train`` training images, 2k test images) on ``device``."""
     from lmc_lightning.data.idx import read_idx
 
-    root = "/usr/share/datasets/fashion-mnist/"
+    import os
+
+    root = next((r for r in ("data/FashionMNIST/raw/", "data/fashion-mnist/", "/usr/share/datasets/fashion-mnist/")
+                 if os.path.exists(f"{r}train-images-idx3-ubyte.gz")), "/usr/share/datasets/fashion-mnist/")
 
     def load(prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(read_idx(f"{root}{prefix}-images-idx3-ubyte.gz")[:n]).float().div(255)
