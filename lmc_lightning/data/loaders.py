@@ -150,5 +150,5 @@ class DeviceLoader:
         if self.transform.stochastic:
             generator = torch.Generator(device=self.x.device)
             generator.manual_seed(mix_seed(self.seed, epoch, self.sampler.rank, 1))
-        for chunk in index.split(self.batch_size):
-            yield self.transform((self.x[chunk], self.y[chunk]), generator)
+        for chunk in index.split(self.batch_size):  # index_select: the gather, with less work than x[chunk]
+            yield self.transform((self.x.index_select(0, chunk), self.y.index_select(0, chunk)), generator)

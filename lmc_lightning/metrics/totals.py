@@ -43,8 +43,9 @@ class ClassificationTotals(Metric):
 
     def accumulate(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
         """:meth:`update` without torchmetrics' wrapper (same sums and update count; inputs are detached here)."""
-        self._computed = None
-        self._update_count += 1
+        state = self.__dict__  # plain attributes: skip nn.Module's and Metric's __setattr__ checks
+        state["_computed"] = None
+        state["_update_count"] += 1
         self._add(logits, target, loss)
 
     def _add(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
