@@ -121,3 +121,20 @@ def test_chunk_settings_are_checked(fake_fmnist_root: Path, tmp_path: Path) -> N
     batches = list(data.train_dataloader())
     assert len(batches) == 3 and all(type(b) is StepChunk for b in batches)
     assert [len(b) for b in batches] == [5, 5, 3] and len(batches[-1][-1][1]) == 8
+
+
+def test_cli_steps_per_batch(fake_fmnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """``lmc fit --data.steps_per_batch 2``: 3 chunks of 2 steps; fast_dev_run still makes one step."""
+    from lmc_lightning.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[2])
+    args = ["--config", "configs/endpoint/fmnist_mlp.yaml", "--data.root", str(fake_fmnist_root),
+            "--data.batch_size", "16", "--data.val_split", "64", "--data.device_resident", "true",
+            "--data.steps_per_batch", "2",
+            "--model.net_kwargs", '{"depth": 1, "width": 16}', "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    cli = main(["fit", *args])
+    assert cli.trainer.global_step == 6
+    cli = main(["fit", *args, "--trainer.fast_dev_run", "true"])
+    assert cli.trainer.global_step == 1
