@@ -304,8 +304,8 @@ def ratio_table(args: argparse.Namespace, device: torch.device, rows: str = "fp3
 
 BUCKETS = {  # (file fragment, function) whose cumulative time forms a bucket; nested ones are subtracted below
     "data (next batch)": [("loops/fetchers.py", "__next__")],
-    "forward + loss": [("modules/endpoint.py", "training_step"), ("train_step.py", "training_step")],
-    "metric update + self.log": [("metrics/totals.py", "update"), ("core/module.py", "log"),
+    "forward + loss": [("modules/endpoint.py", "_step"), ("train_step.py", "training_step")],
+    "metric update + self.log": [("metrics/totals.py", "accumulate"), ("core/module.py", "log"),
                                  ("torchmetrics/metric.py", "forward")],
     "backward": [("torch/_tensor.py", "backward")],
     "zero_grad": [("torch/optim/optimizer.py", "zero_grad")],

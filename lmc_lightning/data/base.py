@@ -50,7 +50,7 @@ class BaseDataModule(LightningDataModule):
             while Lightning's per-batch work runs once per chunk (for small nets whose step is host-bound).
             Lightning then counts chunks as batches: ``limit_train_batches``, ``val_check_interval``,
             ``log_every_n_steps`` and the ``on_train_batch_*`` hooks go by chunks, ``global_step`` by optimiser
-            steps. 1: plain batches.
+            steps. Single process only (not under DDP). 1: plain batches.
     """
 
     num_classes: int

@@ -334,6 +334,9 @@ class EndpointModule(LMCModule):
     def on_train_epoch_start(self) -> None:
         """Read the training loader's batches per Lightning batch; zoo: draw every member's data order."""
         self._chunk = steps_per_batch(self.trainer)
+        if self._chunk > 1 and self.trainer.world_size > 1:
+            # DDP reduces gradients in hooks armed once per forward of the wrapped module: one training_step.
+            raise ValueError("steps_per_batch > 1 runs on a single process; under DDP use steps_per_batch=1.")
         if not self.is_zoo:
             return
         if self._zoo_batches is None:
