@@ -9,7 +9,8 @@ epoch (the first one warms up). Rounds are interleaved and the best of ``--repea
 * ``module``: ``EndpointModule`` in ``Trainer.fit`` (no logger or progress bar, as the hand loop has none).
 * ``chunks``: the same with the datamodule's ``steps_per_batch = --steps-per-batch`` (``S`` batches per Lightning
   batch, one optimiser step each: the same training bit for bit, Lightning's per-batch work once per ``S`` steps).
-* ``module, CLI defaults``: the same with a CSV logger and the progress bar, as ``lmc fit`` runs it.
+* ``module, CLI defaults``: the same with a CSV logger and the progress bar (refreshed every
+  ``PROGRESS_REFRESH_RATE`` batches), as ``lmc fit`` runs it.
 * ``automatic opt.``: the module under Lightning's automatic optimisation (its closure and per-step hooks).
 * ``Lightning update``: the module with its update sent through ``manual_backward`` and Lightning's optimiser
   wrapper (``EndpointModule.direct_update = False``), the default until issue 18's second round.
@@ -39,10 +40,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lmc_lightning.cli import PROGRESS_REFRESH_RATE
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.data.base import BaseDataModule
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler
@@ -227,6 +229,8 @@ def fit_seconds(build: Callable[[], pl.LightningModule], args: argparse.Namespac
     prof = LastEpochProfile(profile) if profile else None
     if prof:
         callbacks.append(prof)
+    if cli_defaults:  # the progress bar as `lmc fit` sets it up
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_RATE))
     model = build()
     tmp = tempfile.mkdtemp()
     trainer = pl.Trainer(
