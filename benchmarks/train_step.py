@@ -7,7 +7,10 @@ epoch (the first one warms up). Rounds are interleaved and the best of ``--repea
 * ``hand``: ``for x, y in loader: loss = F.cross_entropy(net(x), y); opt.zero_grad(); loss.backward(); opt.step()``
   (under ``torch.autocast`` for bf16), over the same :class:`~lmc_lightning.data.loaders.DeviceLoader` batches.
 * ``module``: ``EndpointModule`` in ``Trainer.fit`` (no logger or progress bar, as the hand loop has none).
-* ``module, CLI defaults``: the same with a CSV logger and the progress bar, as ``lmc fit`` runs it.
+* ``chunks``: the same with the datamodule's ``steps_per_batch = --steps-per-batch`` (``S`` batches per Lightning
+  batch, one optimiser step each: the same training bit for bit, Lightning's per-batch work once per ``S`` steps).
+* ``module, CLI defaults``: the same with a CSV logger and the progress bar (refreshed every
+  ``PROGRESS_REFRESH_RATE`` batches), as ``lmc fit`` runs it.
 * ``automatic opt.``: the module under Lightning's automatic optimisation (its closure and per-step hooks).
 * ``Lightning update``: the module with its update sent through ``manual_backward`` and Lightning's optimiser
   wrapper (``EndpointModule.direct_update = False``), the default until issue 18's second round.
@@ -15,8 +18,11 @@ epoch (the first one warms up). Rounds are interleaved and the best of ``--repea
 
 Prints a ratio table (module / hand; target <= 1.2), a breakdown of the module's host time per step (cProfile) and
 the share of the step the GPU is busy (torch.profiler), and, with ``--zoo``, zoo throughput against sequential runs.
+Times are per optimiser step. ``--budget`` bounds the run: fp32 rows first, then the zoo table, then the bf16 rows;
+what does not fit is printed as skipped.
 
     python benchmarks/train_step.py --device cuda                     # GPU: all nets, fp32, bf16, channels_last
+    python benchmarks/train_step.py --device cuda --no-profile --variants cli --zoo 4 16 64 --budget 180  # item 1+3
     python benchmarks/train_step.py --device cpu --quick              # CPU smoke run
 """
 
@@ -34,10 +40,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lmc_lightning.cli import PROGRESS_REFRESH_RATE
 from lmc_lightning.data import FashionMNISTDataModule
 from lmc_lightning.data.base import BaseDataModule
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler
@@ -162,13 +169,15 @@ def _stop_profile(kind: str, prof: Any) -> Any:
 _DATA: dict[tuple, BaseDataModule] = {}
 
 
-def make_data(args: argparse.Namespace) -> BaseDataModule:
-    """One datamodule for all runs (read from disk once; the device copy is remade per fit)."""
+def make_data(args: argparse.Namespace, steps_per_batch: int = 1) -> BaseDataModule:
+    """One datamodule per setting (the files are read once; the device copy is remade per fit)."""
     key = (args.synthetic, args.root, args.batch_size, args.subset)
     if key not in _DATA:
         cls = RandomImages if args.synthetic else FashionMNISTDataModule
         _DATA[key] = cls(root=args.root, batch_size=args.batch_size, train_subset=args.subset, device_resident=True)
-    return _DATA[key]
+    data = _DATA[key]
+    data.steps_per_batch = steps_per_batch
+    return data
 
 
 def hand_loader(data: BaseDataModule, device: torch.device, seed: int = 0) -> DeviceLoader:
@@ -211,15 +220,17 @@ def hand_seconds(key: str, args: argparse.Namespace, device: torch.device, preci
 
 def fit_seconds(build: Callable[[], pl.LightningModule], args: argparse.Namespace, device: torch.device,
                 precision: str, cli_defaults: bool = False, profile: str | None = None,
-                epochs: int = 2) -> tuple[float, Any]:
-    """Seconds per step of the last ``fit`` epoch, and the profile of that epoch if asked for."""
+                epochs: int = 2, steps_per_batch: int = 1) -> tuple[float, Any]:
+    """Seconds per optimiser step of the last ``fit`` epoch, and the profile of that epoch if asked for."""
     pl.seed_everything(0, verbose=False)
-    data = make_data(args)
+    data = make_data(args, steps_per_batch)
     timer = EpochTimer()
     callbacks: list[Callback] = [timer]
     prof = LastEpochProfile(profile) if profile else None
     if prof:
         callbacks.append(prof)
+    if cli_defaults:  # the progress bar as `lmc fit` sets it up
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_RATE))
     model = build()
     tmp = tempfile.mkdtemp()
     trainer = pl.Trainer(
@@ -229,7 +240,7 @@ def fit_seconds(build: Callable[[], pl.LightningModule], args: argparse.Namespac
         default_root_dir=tmp,
     )
     trainer.fit(model, datamodule=data)
-    return timer.times[-1] / trainer.num_training_batches, prof
+    return timer.times[-1] / (trainer.global_step // epochs), prof
 
 
 def endpoint(key: str, channels_last: bool = False, cls: type = EndpointModule, **extra: Any
@@ -255,41 +266,50 @@ def measure(variant: str, key: str, args: argparse.Namespace, device: torch.devi
     """Seconds per step of one variant of the ratio table."""
     if variant == "hand":
         return hand_seconds(key, args, device, precision, channels_last)
-    cls = {"module": EndpointModule, "cli": EndpointModule, "auto": AutomaticStep, "before": Before,
-           "lightning": LightningUpdate}[variant]
-    return fit_seconds(endpoint(key, channels_last, cls), args, device, precision, cli_defaults=variant == "cli")[0]
+    cls = {"module": EndpointModule, "chunks": EndpointModule, "cli": EndpointModule, "auto": AutomaticStep,
+           "before": Before, "lightning": LightningUpdate}[variant]
+    chunk = args.steps_per_batch if variant == "chunks" else 1
+    return fit_seconds(endpoint(key, channels_last, cls), args, device, precision, cli_defaults=variant == "cli",
+                       steps_per_batch=chunk)[0]
 
 
-def ratio_table(args: argparse.Namespace, device: torch.device) -> dict[tuple[str, str], float]:
-    print("\n## Per-step time: EndpointModule (Lightning fit) vs a hand-written loop, same device-resident data")
+def ratio_table(args: argparse.Namespace, device: torch.device, rows: str = "fp32") -> None:
+    """The fp32 rows (``rows="fp32"``) or the bf16-mixed / channels_last rows (``rows="other"``) of the table."""
     extra = {"cli": "module, CLI defaults", "lightning": "Lightning update", "auto": "automatic opt.",
              "before": "before"}
     extra = {k: v for k, v in extra.items() if k in args.variants}
-    print("| net | setting | hand ms | module ms | module / hand | "
+    chunk = args.steps_per_batch
+    if rows == "fp32":
+        print("\n## Per optimiser step: EndpointModule (Lightning fit) vs a hand-written loop, same device-resident "
+              f"data; 'chunks': datamodule steps_per_batch={chunk}")
+    print("| net | setting | hand ms | module ms | module / hand | chunks ms | chunks / hand | "
           + " | ".join(f"{label} / hand" for label in extra.values()) + " |")
-    print("| --- | --- | --- | --- | --- |" + " --- |" * len(extra))
-    out = {}
+    print("| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(extra))
     for key in args.nets:
         for label, precision, cl in settings(args, key):
+            if (label == "fp32") != (rows == "fp32"):
+                continue
+            if time.perf_counter() > args.deadline:
+                print(f"| {LABELS[key]} | {label} | (skipped: time budget) |")
+                continue
             best: dict[str, float] = {}
-            variants = ["hand", "module"] + (list(extra) if label == "fp32" else [])
+            variants = ["hand", "module", "chunks"] + (list(extra) if label == "fp32" else [])
             for _ in range(args.repeats):
                 for name in variants:
                     best[name] = min(best.get(name, float("inf")), measure(name, key, args, device, precision, cl))
             hand = best["hand"]
             ratio = [f"{best[k] / hand:.2f}x" if k in best else "-" for k in extra]
             print(f"| {LABELS[key]} | {label} | {hand * 1e3:.2f} | {best['module'] * 1e3:.2f} | "
-                  f"{best['module'] / hand:.2f}x | " + " | ".join(ratio) + " |", flush=True)
-            out[(key, label)] = best["module"]
-    return out
+                  f"{best['module'] / hand:.2f}x | {best['chunks'] * 1e3:.2f} | {best['chunks'] / hand:.2f}x | "
+                  + " | ".join(ratio) + " |", flush=True)
 
 
 # Profile breakdown --------------------------------------------------------------------------------------------------
 
 BUCKETS = {  # (file fragment, function) whose cumulative time forms a bucket; nested ones are subtracted below
     "data (next batch)": [("loops/fetchers.py", "__next__")],
-    "forward + loss": [("modules/endpoint.py", "training_step"), ("train_step.py", "training_step")],
-    "metric update + self.log": [("metrics/totals.py", "update"), ("core/module.py", "log"),
+    "forward + loss": [("modules/endpoint.py", "_step"), ("train_step.py", "training_step")],
+    "metric update + self.log": [("metrics/totals.py", "accumulate"), ("core/module.py", "log"),
                                  ("torchmetrics/metric.py", "forward")],
     "backward": [("torch/_tensor.py", "backward")],
     "zero_grad": [("torch/optim/optimizer.py", "zero_grad")],
@@ -339,31 +359,37 @@ def profile_breakdown(args: argparse.Namespace, device: torch.device) -> None:
 
 def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     """Throughput of a zoo of K models in one run against K sequential ``num_models=1`` runs (best of
-    ``--repeats`` fits each); with ``--zoo-vmap`` also the zoo of a Linear/ReLU chain through ``vmap``."""
+    ``--repeats`` fits each); for the nets in ``--zoo-chunk-nets`` also both with ``steps_per_batch`` chunks; with
+    ``--zoo-vmap`` also the zoo of a Linear/ReLU chain through ``vmap``."""
     args = argparse.Namespace(**{**vars(args), "subset": args.zoo_subset or args.subset})
     if "num_models" not in inspect.signature(EndpointModule).parameters:
         print("\n(zoo: EndpointModule has no num_models here; skipped)")
         return
-    print("\n## Zoo: K models in one Lightning run vs K sequential runs (ms per step of all K models; sequential = "
-          "K x the single run's step, measured in the same run)")
-    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | zoo through vmap ms | speed-up (vmap) "
-          "| peak GPU MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    precisions = [("fp32", "32-true")] + ([("bf16-mixed", "bf16-mixed")] if "bf16" in args.precisions else [])
+    chunk = args.steps_per_batch
+    print("\n## Zoo: K models in one Lightning run vs K sequential runs (ms per optimiser step of all K models; "
+          f"sequential = K x the single run's step, measured in the same run); chunks: steps_per_batch={chunk} for "
+          "both")
+    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | zoo chunks ms | K sequential chunks ms "
+          "| speed-up (chunks) | zoo through vmap ms | speed-up (vmap) | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    precisions = [("fp32", "32-true")] + ([("bf16-mixed", "bf16-mixed")] if args.zoo_bf16 else [])
 
-    def best(build: Callable[[], pl.LightningModule], precision: str) -> float:
-        return min(fit_seconds(build, args, device, precision)[0] for _ in range(args.repeats))
+    def best(build: Callable[[], pl.LightningModule], precision: str, steps: int = 1) -> float:
+        return min(fit_seconds(build, args, device, precision, steps_per_batch=steps)[0]
+                   for _ in range(args.repeats))
 
     for key in args.zoo_nets:
         sizes = args.zoo if key == "mlp" or args.zoo_conv is None else args.zoo_conv
+        chunked = key in args.zoo_chunk_nets
         for label, precision in precisions:
             if time.perf_counter() > args.deadline:
-                print(f"| {LABELS[key]} | {label} | (skipped: time budget) | | | | | | |")
+                print(f"| {LABELS[key]} | {label} | (skipped: time budget) |")
                 continue
             single = best(endpoint(key), precision)
+            single_chunks = best(endpoint(key), precision, chunk) if chunked else None
             for k in sizes:
                 if time.perf_counter() > args.deadline:
-                    print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) | | | | | | |")
+                    print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) |")
                     break
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -371,19 +397,24 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
                 try:
                     sec = best(endpoint(key, num_models=k), precision)
                     mem = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
-                    vmap = "-", "-"
+                    chunks = ["-"] * 3
+                    if chunked:
+                        fast = best(endpoint(key, num_models=k), precision, chunk)
+                        chunks = [f"{fast * 1e3:.2f}", f"{k * single_chunks * 1e3:.2f}",
+                                  f"{k * single_chunks / fast:.2f}x"]
+                    vmap = ["-"] * 2
                     if args.zoo_vmap and key == "mlp":
                         StackedNets.fast_chain = False
                         try:
                             slow = best(endpoint(key, num_models=k), precision)
                         finally:
                             StackedNets.fast_chain = True
-                        vmap = f"{slow * 1e3:.2f}", f"{k * single / slow:.2f}x"
+                        vmap = [f"{slow * 1e3:.2f}", f"{k * single / slow:.2f}x"]
                 except torch.OutOfMemoryError:
-                    print(f"| {LABELS[key]} | {label} | {k} | out of memory | | | | | |")
+                    print(f"| {LABELS[key]} | {label} | {k} | out of memory |")
                     break
                 print(f"| {LABELS[key]} | {label} | {k} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
-                      f"{k * single / sec:.2f}x | {vmap[0]} | {vmap[1]} | {mem} |", flush=True)
+                      f"{k * single / sec:.2f}x | " + " | ".join(chunks + vmap) + f" | {mem} |", flush=True)
 
 
 def accuracy_table(args: argparse.Namespace, device: torch.device) -> None:
@@ -434,6 +465,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo-nets", nargs="+", default=["mlp", "resnet20"], choices=list(NETS))
     parser.add_argument("--zoo-conv", type=int, nargs="*", default=None,
                         help="zoo sizes K for the conv nets (default: --zoo)")
+    parser.add_argument("--zoo-chunk-nets", nargs="*", default=["mlp"], choices=list(NETS),
+                        help="zoo nets also timed with steps_per_batch chunks (zoo and sequential)")
+    parser.add_argument("--zoo-bf16", action="store_true", help="also time zoos under bf16-mixed")
+    parser.add_argument("--steps-per-batch", type=int, default=16,
+                        help="the datamodule's steps_per_batch of the 'chunks' columns")
     parser.add_argument("--zoo-vmap", action="store_true",
                         help="also time MLP zoos through vmap (StackedNets.fast_chain = False), as before issue 18's "
                              "second round")
@@ -462,11 +498,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     args.deadline = start + args.budget
     if not args.skip_ratio:
-        ratio_table(args, device)
+        ratio_table(args, device, "fp32")
     if not args.no_profile:
         profile_breakdown(args, device)
     if args.zoo:
         zoo_table(args, device)
+    if not args.skip_ratio and "bf16" in args.precisions:
+        print("\n## The same table under bf16-mixed (and channels_last for the conv nets)")
+        ratio_table(args, device, "other")
     if args.accuracy_epochs:
         accuracy_table(args, device)
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")

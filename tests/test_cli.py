@@ -98,3 +98,17 @@ def test_fit_from_init_with_frozen_layers(fake_fmnist_root: Path, tmp_path: Path
     for name, param in net_b.named_parameters():
         same = torch.equal(param.detach().cpu(), net_a.state_dict()[name])
         assert same == name.startswith(frozen + "."), name
+
+
+def test_default_progress_bar_refreshes_every_ten_batches(fake_fmnist_root: Path, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """The CLI's default bar redraws every 10 batches; a bar given in trainer.callbacks keeps its refresh rate."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    args = _fit_args(fake_fmnist_root, tmp_path)[:-2] + ["--trainer.fast_dev_run", "true"]  # progress bar on
+    cli = main(["fit", *args])
+    assert type(cli.trainer.progress_bar_callback) is TQDMProgressBar
+    assert cli.trainer.progress_bar_callback.refresh_rate == 10
+    cli = main(["fit", *args, "--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "1"])
+    assert cli.trainer.progress_bar_callback.refresh_rate == 1

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lmc_lightning.checkpoint import check_state_matches, load_weights
+from lmc_lightning.data.chunks import estimated_steps
 from lmc_lightning.io import atomic_write_text
 from lmc_lightning.metrics.functional import barrier
 from lmc_lightning.modules.path import BNMode, check_eval_settings, evaluate_on_ranks, summary_metrics
@@ -48,7 +49,9 @@ class InterpolationBarrier(Callback):
         reference: ``"init"``, ``"twin"``, ``"zoo"`` or a checkpoint file.
         every_n_epochs: Measure at the end of every n-th training epoch; ``None``: not by epochs.
         every_fraction: Also measure every ``every_fraction`` of training (in optimiser steps, e.g. 0.1: ten times);
-            ``None``: not by fraction. A step is measured at most once.
+            ``None``: not by fraction. A step is measured at most once. With the datamodule's ``steps_per_batch =
+            S > 1`` the measurement comes after the chunk of ``S`` steps that holds the target step (up to ``S - 1``
+            steps late; logged at the step it is taken).
         at_start: Also measure before the first training step.
         num_points: Points on ``t`` in [0, 1], endpoints included.
         bn: Statistics at every point: ``"reset"`` (BN reset on training data), ``"repair"``, ``"rescale"``,
@@ -198,7 +201,7 @@ class InterpolationBarrier(Callback):
         self._template = copy.deepcopy(net).eval().requires_grad_(False)
         self._targets = set()
         if self.every_fraction is not None:
-            total = trainer.estimated_stepping_batches
+            total = estimated_steps(trainer)
             if not math.isfinite(total):
                 raise ValueError("every_fraction needs a finite training length: set trainer.max_epochs or "
                                  "trainer.max_steps, or measure by every_n_epochs instead.")
@@ -297,8 +300,10 @@ class InterpolationBarrier(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # A target passed since the last measurement (with steps_per_batch > 1 a batch makes several steps: the
+        # measurement comes at the end of the chunk holding the target step).
         step = trainer.global_step
-        if step in self._targets and step > self.last_step:
+        if any(self.last_step < target <= step for target in self._targets):
             self.measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

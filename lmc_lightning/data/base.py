@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lmc_lightning.data.chunks import StepChunk
 from lmc_lightning.data.loaders import DeviceLoader, ShardedSampler, TensorBatchDataset
 from lmc_lightning.data.transforms import BatchTransform
 
@@ -43,6 +44,13 @@ class BaseDataModule(LightningDataModule):
         random_erasing: Probability of random erasing on training batches (MCSurface: 0.5; scale 0.02-0.25,
             ratio 0.3-3.3, value 0), on the device; 0: off.
         random_grayscale: Probability of turning a training image grey (MCSurface's surfaces: 0.1); 0: off.
+        steps_per_batch: With ``device_resident``: hand the module this many consecutive training batches at once
+            (a :class:`~lmc_lightning.data.chunks.StepChunk`); a module that accepts them
+            (``supports_step_chunks``, e.g. ``EndpointModule``) makes the same optimiser steps, one per batch,
+            while Lightning's per-batch work runs once per chunk (for small nets whose step is host-bound).
+            Lightning then counts chunks as batches: ``limit_train_batches``, ``val_check_interval``,
+            ``log_every_n_steps`` and the ``on_train_batch_*`` hooks go by chunks, ``global_step`` by optimiser
+            steps. Single process only (not under DDP). 1: plain batches.
     """
 
     num_classes: int
@@ -67,6 +75,7 @@ class BaseDataModule(LightningDataModule):
         device_resident: bool = False,
         random_erasing: float = 0.0,
         random_grayscale: float = 0.0,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
         if not (0 <= random_erasing <= 1 and 0 <= random_grayscale <= 1):
@@ -74,6 +83,9 @@ class BaseDataModule(LightningDataModule):
                              f"{random_erasing} and {random_grayscale}.")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
+        if steps_per_batch < 1 or (steps_per_batch > 1 and not device_resident):
+            raise ValueError(f"steps_per_batch must be >= 1, and > 1 needs device_resident=True; got "
+                             f"{steps_per_batch=}, {device_resident=}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if val_split < 0 or (val_split >= 1 and val_split != int(val_split)):
@@ -98,6 +110,7 @@ class BaseDataModule(LightningDataModule):
         self.device_resident = device_resident
         self.random_erasing = random_erasing
         self.random_grayscale = random_grayscale
+        self.steps_per_batch = steps_per_batch
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -149,9 +162,15 @@ class BaseDataModule(LightningDataModule):
         if (type(batch) in (tuple, list) and len(batch) == 2
                 and all(type(t) is Tensor and t.device == device for t in batch)):
             return batch
+        if type(batch) is StepChunk and all(type(t) is Tensor and t.device == device for b in batch for t in b):
+            return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.steps_per_batch > 1 and module is not None and not getattr(module, "supports_step_chunks", False):
+            raise ValueError(f"steps_per_batch={self.steps_per_batch}: {type(module).__name__} takes one batch per "
+                             "training step; use steps_per_batch=1 (chunks of batches: EndpointModule).")
         return self._dataloader_factory("train")
 
     def val_dataloader(self) -> DataLoader | DeviceLoader | list:
@@ -238,7 +257,8 @@ class BaseDataModule(LightningDataModule):
             x, y = self._resident[key]
             sampler = ShardedSampler(len(x), shuffle=train, seed=self.seed, rank=rank, world_size=world_size,
                                      drop_uneven=train)
-            return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed)
+            return DeviceLoader(x, y, batch_size, sampler, transform.to(device), seed=self.seed,
+                                steps_per_batch=self.steps_per_batch if train else 1)
         # One process: a sampler whose order is a function of (seed, epoch), which Lightning sets every epoch, so a
         # resumed run sees the same order as an uninterrupted one. Under DDP Lightning puts in a DistributedSampler
         # (seeded, set_epoch as well) in place of the shuffle.

@@ -70,9 +70,11 @@ class CIFAR10DataModule(BaseDataModule):
         device_resident: bool = False,
         random_erasing: float = 0.0,
         random_grayscale: float = 0.0,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, val_split, train_subset, subset_mode,
-                         augment, normalize, download, seed, device_resident, random_erasing, random_grayscale)
+                         augment, normalize, download, seed, device_resident, random_erasing, random_grayscale,
+                         steps_per_batch)
 
     @property
     def folder(self) -> Path:

@@ -231,7 +231,8 @@ class CueDataModule(BaseDataModule):
         base_dm = _resolve(base, base_args, "base")
         super().__init__(base_dm.root, base_dm.batch_size, base_dm.eval_batch_size, base_dm.num_workers,
                          base_dm.val_split, base_dm.train_subset, base_dm.subset_mode, base_dm.augment,
-                         base_dm.normalize, False, base_dm.seed, base_dm.device_resident)
+                         base_dm.normalize, False, base_dm.seed, base_dm.device_resident,
+                         steps_per_batch=base_dm.steps_per_batch)
         if isinstance(base, BaseDataModule):  # checkpoints keep plain types only (weights_only loading)
             self.hparams.update(base=type(base).__name__, base_args=None)
         if cue not in CUES:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from lmc_lightning.data.chunks import StepChunk
 from lmc_lightning.data.transforms import BatchTransform
 
 
@@ -95,7 +96,9 @@ class DeviceLoader:
     """Batches sliced from tensors already on the training device and transformed there.
 
     Nothing crosses the host-device boundary per batch (only the epoch's index vector, once). Iterating gives
-    transformed ``(x, y)`` batches of this rank's share; ``sampler`` is exposed so Lightning sets its epoch.
+    transformed ``(x, y)`` batches of this rank's share; ``sampler`` is exposed so Lightning sets its epoch. With
+    ``steps_per_batch = S > 1`` it gives the same batches grouped ``S`` at a time into
+    :class:`~lmc_lightning.data.chunks.StepChunk` tuples (``len()`` counts chunks, :attr:`num_steps` batches).
 
     Args:
         x: Stored images ``[N, C, H, W]`` on the device.
@@ -104,26 +107,48 @@ class DeviceLoader:
         sampler: Which indices this rank takes each epoch.
         transform: Batch transform with constants on the device (:meth:`BatchTransform.to`).
         seed: Seed of the augmentation stream (mixed with epoch and rank).
+        steps_per_batch: Batches per yielded item; 1: plain ``(x, y)`` batches.
     """
 
     batch_sampler = None  # read by Lightning's loader checks, which expect DataLoader's attributes
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, sampler: ShardedSampler, transform: BatchTransform,
-                 seed: int = 0) -> None:
+                 seed: int = 0, steps_per_batch: int = 1) -> None:
         if len(x) != len(y) or len(x) != sampler.n:
             raise ValueError(f"sizes disagree: {len(x)} images, {len(y)} labels, sampler over {sampler.n}")
+        if steps_per_batch < 1:
+            raise ValueError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.sampler, self.transform, self.seed = sampler, transform, seed
+        self.steps_per_batch = steps_per_batch
 
-    def __len__(self) -> int:
+    @property
+    def num_steps(self) -> int:
+        """Batches per epoch (each a training step)."""
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __len__(self) -> int:
+        return math.ceil(self.num_steps / self.steps_per_batch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | StepChunk]:
+        return self._batches() if self.steps_per_batch == 1 else self._chunks()
+
+    def _chunks(self) -> Iterator[StepChunk]:
+        chunk: list[tuple[Tensor, Tensor]] = []
+        for batch in self._batches():  # made in order, so the augmentation stream is consumed as with S = 1
+            chunk.append(batch)
+            if len(chunk) == self.steps_per_batch:
+                yield StepChunk(chunk)
+                chunk = []
+        if chunk:
+            yield StepChunk(chunk)
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.sampler.epoch
         index = self.sampler.draw().to(self.x.device)
         generator = None
         if self.transform.stochastic:
             generator = torch.Generator(device=self.x.device)
             generator.manual_seed(mix_seed(self.seed, epoch, self.sampler.rank, 1))
-        for chunk in index.split(self.batch_size):
-            yield self.transform((self.x[chunk], self.y[chunk]), generator)
+        for chunk in index.split(self.batch_size):  # index_select: the gather, with less work than x[chunk]
+            yield self.transform((self.x.index_select(0, chunk), self.y.index_select(0, chunk)), generator)

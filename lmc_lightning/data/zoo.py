@@ -85,12 +85,13 @@ class ZooBatches:
         index = self._index[:, batch_idx * size:(batch_idx + 1) * size]
         k, b = index.shape
         if not loader.transform.augment:
-            x, y = loader.transform((loader.x[index.reshape(-1)], loader.y[index.reshape(-1)]))
+            flat = index.reshape(-1)
+            x, y = loader.transform((loader.x.index_select(0, flat), loader.y.index_select(0, flat)))
             return x.reshape(k, b, *x.shape[1:]), y.reshape(k, b)
         xs, ys = [], []
         for row, seed in zip(index, self.seeds, strict=True):
             generator = self._generators()[seed]
-            x, y = loader.transform((loader.x[row], loader.y[row]), generator)
+            x, y = loader.transform((loader.x.index_select(0, row), loader.y.index_select(0, row)), generator)
             xs.append(x)
             ys.append(y)
         return torch.stack(xs), torch.stack(ys)

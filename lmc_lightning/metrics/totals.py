@@ -11,9 +11,11 @@ class ClassificationTotals(Metric):
     """Running sums of ``loss * n``, correct predictions and ``n`` for one or several models.
 
     ``update`` adds one batch with a handful of device kernels and never reads a value back to the host (unlike
-    ``MulticlassAccuracy``, whose argument checks synchronise every step). ``compute`` gives the sample-weighted mean
-    loss and the accuracy, the same numbers as Lightning's ``self.log(..., on_epoch=True, batch_size=n)`` mean of the
-    batch losses and a micro-averaged accuracy. The sums are states with ``dist_reduce_fx="sum"``: exact under DDP.
+    ``MulticlassAccuracy``, whose argument checks synchronise every step); :meth:`accumulate` is the same addition
+    without torchmetrics' ``update`` wrapper, for training steps where each microsecond of host time counts.
+    ``compute`` gives the sample-weighted mean loss and the accuracy, the same numbers as Lightning's
+    ``self.log(..., on_epoch=True, batch_size=n)`` mean of the batch losses and a micro-averaged accuracy. The sums
+    are states with ``dist_reduce_fx="sum"``: exact under DDP.
 
     Args:
         num_models: Models tracked side by side (a zoo); their statistics stay separate.
@@ -26,7 +28,8 @@ class ClassificationTotals(Metric):
         if num_models < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models}.")
         self.num_models = num_models
-        self.add_state("totals", torch.zeros(num_models, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("loss_sum", "correct", "count"):
+            self.add_state(name, torch.zeros(num_models, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
         """Add a batch.
@@ -36,13 +39,22 @@ class ClassificationTotals(Metric):
             target: ``[B]`` or ``[K, B]`` class indices.
             loss: The batch's mean loss, a scalar or ``[K]``.
         """
+        self._add(logits, target, loss)
+
+    def accumulate(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
+        """:meth:`update` without torchmetrics' wrapper (same sums and update count; inputs are detached here)."""
+        state = self.__dict__  # plain attributes: skip nn.Module's and Metric's __setattr__ checks
+        state["_computed"] = None
+        state["_update_count"] += 1
+        self._add(logits, target, loss)
+
+    def _add(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
+        # Five kernels: argmax, ==, sum, and three in-place additions into float64 sums (exact for counts).
         n = target.shape[-1]
-        correct = (logits.detach().argmax(-1) == target).sum(-1).reshape(-1)
-        batch = torch.stack([loss.detach().reshape(-1).double() * n, correct.double(),
-                             torch.full_like(correct, n, dtype=torch.float64)], dim=-1)
-        self.totals += batch
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self.correct.add_((logits.detach().argmax(-1) == target).sum(-1))
+        self.count.add_(n)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         """``(mean loss, accuracy)``, each ``[num_models]`` (NaN for a model that saw no sample)."""
-        loss_sum, correct, count = self.totals.unbind(-1)
-        return (loss_sum / count).float(), (correct / count).float()
+        return (self.loss_sum / self.count).float(), (self.correct / self.count).float()

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lmc_lightning.data.chunks import estimated_steps
+
 
 @dataclass
 class OptimConfig:
@@ -256,7 +258,7 @@ class LMCModule(LightningModule):
         From the checkpoint when resuming; else from ``optim.horizon_epochs`` or the trainer's limits.
         """
         if self._schedule is None:
-            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            total = max(int(estimated_steps(self.trainer)), 1)
             epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
             per_epoch = total / epochs
             if self.optim.horizon_epochs is not None:

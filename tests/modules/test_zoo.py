@@ -164,14 +164,19 @@ def test_classification_totals_match_direct_means() -> None:
     torch.manual_seed(0)
     totals = ClassificationTotals(num_models=2)
     logits, targets, losses = [], [], []
+    fast = ClassificationTotals(num_models=2)
     for n in (5, 3):
         lg, y = torch.randn(2, n, 4), torch.randint(0, 4, (2, n))
         loss = torch.nn.functional.cross_entropy(lg.transpose(1, 2), y, reduction="none").mean(1)
         totals.update(lg, y, loss)
+        fast.accumulate(lg, y, loss)
         logits.append(lg), targets.append(y), losses.append(loss * n)
     loss, acc = totals.compute()
     torch.testing.assert_close(loss, (losses[0] + losses[1]).float() / 8)
     torch.testing.assert_close(acc, (torch.cat(logits, 1).argmax(-1) == torch.cat(targets, 1)).float().mean(1))
+    # accumulate() is update() without torchmetrics' wrapper: same sums, same update count.
+    assert fast.update_count == totals.update_count == 2
+    assert all(torch.equal(a, b) for a, b in zip(fast.compute(), (loss, acc), strict=True))
 
 
 def test_stacked_nets_member_roundtrip() -> None:
