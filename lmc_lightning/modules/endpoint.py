@@ -67,8 +67,9 @@ class EndpointModule(LMCModule):
     ``train/loss_epoch`` and ``train/acc`` per epoch (``train/loss`` in ``callback_metrics``), ``val/loss``,
     ``val/acc``, ``test/loss``, ``test/acc``. Epoch values come from sums kept on the device
     (:class:`~lmc_lightning.metrics.totals.ClassificationTotals`), so a training step reads nothing back to the host
-    and calls ``self.log`` only when a logger will write. They are logged from the module's ``on_*_epoch_end``
-    hooks, so monitoring callbacks (``ModelCheckpoint``, ``EarlyStopping``) see them.
+    and calls ``self.log`` only when a logger will write. Training epoch values are logged after the epoch's last
+    batch (so every callback's ``on_train_epoch_end`` sees this epoch's values), validation and test values from
+    ``on_*_epoch_end``.
 
     **Zoo** (``num_models = K > 1``): member ``k`` is initialised with seed ``seed + k`` and reads the training data
     in the order (and augmentation stream) that data seed ``data.seed + k`` gives, so it is the run
@@ -307,8 +308,10 @@ class EndpointModule(LMCModule):
         trainer = self.trainer
         return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
-    def _log_epoch(self, stage: str) -> None:
-        """Log the epoch's mean loss and accuracy from the device sums (all-reduced under DDP), then reset them."""
+    def _log_epoch(self, stage: str, **log_kwargs: Any) -> None:
+        """Log the epoch's mean loss and accuracy from the device sums (all-reduced under DDP), then reset them.
+
+        ``log_kwargs`` (``on_step``, ``on_epoch``) go to every ``self.log`` call."""
         totals: ClassificationTotals = getattr(self, f"{stage}_totals")
         if totals.update_count == 0:
             return
@@ -316,14 +319,14 @@ class EndpointModule(LMCModule):
         loss, acc = (value.reshape(-1).cpu() for value in totals.compute())  # torchmetrics squeezes K = 1
         totals.reset()
         loss_name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
-        self.log(loss_name, loss.mean(), prog_bar=True)
+        self.log(loss_name, loss.mean(), prog_bar=True, **log_kwargs)
         if stage == "train":
-            self.log("train/loss", loss.mean(), logger=False)
-        self.log(f"{stage}/acc", acc.mean(), prog_bar=True)
+            self.log("train/loss", loss.mean(), logger=False, **log_kwargs)
+        self.log(f"{stage}/acc", acc.mean(), prog_bar=True, **log_kwargs)
         if self.is_zoo:
             for k in range(self.num_models):
-                self.log(f"{loss_name}_{k:02d}", loss[k])
-                self.log(f"{stage}/acc_{k:02d}", acc[k])
+                self.log(f"{loss_name}_{k:02d}", loss[k], **log_kwargs)
+                self.log(f"{stage}/acc_{k:02d}", acc[k], **log_kwargs)
 
     # Zoo data and member checkpoints --------------------------------------------------------------------------------
 
@@ -346,8 +349,15 @@ class EndpointModule(LMCModule):
                                            rank=self.global_rank, world_size=self.trainer.world_size)
         self._zoo_batches.start_epoch(self.current_epoch)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the epoch's last batch, log the epoch's training metrics: Lightning then reduces them before any
+        callback's ``on_train_epoch_end``, so every callback sees this epoch's values (as with metrics logged in
+        ``training_step``), not only the monitoring ones that run after the module's hook."""
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._log_epoch("train", on_step=False, on_epoch=True)
+
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        self._log_epoch("train")  # an epoch cut short (max_steps, limit_train_batches) had no last batch
         if self.is_zoo:
             self.save_members()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -142,3 +144,35 @@ def test_direct_update_equals_lightning_update(optimizer: str, tmp_path, monkeyp
         assert all(torch.equal(direct[k], other[k]) for k in direct)
     assert t1.callback_metrics.keys() == t2.callback_metrics.keys()
     assert all(torch.equal(t1.callback_metrics[k], t2.callback_metrics[k]) for k in t1.callback_metrics)
+
+
+class _EpochReader(pl.Callback):
+    """Reads the training epoch metrics in its own on_train_epoch_end (it runs before the module's hook)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = trainer.callback_metrics
+        self.seen.append((float(m["train/acc"]), float(m["train/loss_epoch"])))
+
+
+@pytest.mark.parametrize("steps_per_batch", [1, 4])
+def test_every_callback_sees_this_epochs_training_metrics(steps_per_batch: int, tmp_path) -> None:
+    """A callback's on_train_epoch_end reads this epoch's train/acc and train/loss_epoch (the values the logger
+    writes for that epoch), not the previous epoch's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0, verbose=False)
+    model = EndpointModule(net="mlp", net_kwargs={"depth": 1, "width": 16}, seed=1, optim=OptimConfig(lr=0.05))
+    data = FashionMNISTDataModule(root="/usr/share/datasets/fashion-mnist", batch_size=32, train_subset=320,
+                                  device_resident=True, steps_per_batch=steps_per_batch)
+    reader = _EpochReader()
+    trainer = pl.Trainer(max_epochs=3, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[reader],
+                         logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
+    trainer.fit(model, datamodule=data)
+    rows = [r for r in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")) if r.get("train/acc")]
+    logged = [(float(r["train/acc"]), float(r["train/loss_epoch"])) for r in rows]
+    assert len(logged) == 3 and len({acc for acc, _ in logged}) > 1  # the epochs differ, so the check can fail
+    assert reader.seen == pytest.approx(logged, abs=1e-6)
