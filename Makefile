@@ -37,5 +37,5 @@ test: install data
 # Re-execute the example notebooks (examples/*.ipynb) from their percent-format scripts (examples/*.py).
 # Small CPU settings (each notebook records them in its metadata, lmc_settings).
 notebooks: install data
-	LMC_EPOCHS=3 LMC_SUBSET=10000 LMC_PAIRS=1 LMC_RECIPES=ours LMC_TEST=2000 LMC_BN_BATCHES=4 \
+	LMC_EPOCHS=3 LMC_SUBSET=10000 LMC_PAIRS=1 LMC_DEEP_PAIRS=1 LMC_RECIPES=ours LMC_TEST=2000 LMC_BN_BATCHES=4 \
 	  $(PYTHON) examples/build_notebooks.py

@@ -98,6 +98,7 @@ def plot_errors(curves: dict[str, tuple], title: str) -> None:
     ax.set_ylabel("test error (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(OUT / f"{title.split(':')[0].replace(' ', '_').lower()}.png", dpi=100)
 
 
@@ -198,6 +199,7 @@ plt.xlabel("members")
 plt.ylabel("test accuracy (%)")
 plt.legend(fontsize=8)
 plt.title("WA(n) vs plain ensembles")
+plt.tight_layout()
 plt.savefig(OUT / "ensembles.png", dpi=100)
 
 (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("LMC_EPOCHS", "LMC_SUBSET", "LMC_POINTS", "LMC_MODELS", "LMC_SEEDS", "LMC_PAIRS", "LMC_RECIPES",
-            "LMC_TEST", "LMC_BN_BATCHES")
+SETTINGS = ("LMC_EPOCHS", "LMC_SUBSET", "LMC_POINTS", "LMC_MODELS", "LMC_SEEDS", "LMC_PAIRS", "LMC_DEEP_PAIRS",
+            "LMC_RECIPES", "LMC_TEST", "LMC_BN_BATCHES")
 
 
 def scripts() -> list[Path]:
