@@ -112,3 +112,25 @@ def test_default_progress_bar_refreshes_every_ten_batches(fake_fmnist_root: Path
     assert cli.trainer.progress_bar_callback.refresh_rate == 10
     cli = main(["fit", *args, "--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "1"])
     assert cli.trainer.progress_bar_callback.refresh_rate == 1
+
+
+@pytest.mark.parametrize("name", ["fmnist_mlp", "fmnist_resnet20"])
+def test_gpu_config_trains_the_plain_configs_weights(name: str, fake_fmnist_root: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """configs/endpoint/<name>_gpu.yaml (device-resident, 16 steps per Lightning batch) trains the same weights as
+    <name>.yaml with device_resident, here on the CPU with a narrow net."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    kwargs = '{"depth": 1, "width": 16}' if name == "fmnist_mlp" else '{"width": 0.25, "norm": "bn"}'
+    states = []
+    for config, extra in ((f"{name}_gpu", []), (name, ["--data.device_resident", "true"])):
+        out = tmp_path / config
+        main(["fit", "--config", f"configs/endpoint/{config}.yaml", "--data.root", str(fake_fmnist_root),
+              "--data.batch_size", "8", "--data.val_split", "64",
+              "--model.net_kwargs", kwargs, "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+              "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(out), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", *extra])
+        (ckpt,) = out.rglob("last.ckpt")
+        states.append(torch.load(ckpt, map_location="cpu", weights_only=True))
+    (chunked, plain) = states
+    assert chunked["global_step"] == plain["global_step"] == 24  # (256 - 64) / 8 steps: chunks of 16 and 8
+    assert all(torch.equal(chunked["state_dict"][k], plain["state_dict"][k]) for k in plain["state_dict"])
