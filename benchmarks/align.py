@@ -99,9 +99,9 @@ def sync(device: torch.device) -> None:
 
 def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tensor]:
     """Real Fashion-MNIST padded to 32x32 (first ``n_train`` training images, 2k test images) on ``device``."""
-    from lmc_lightning.data.idx import read_idx
-
     import os
+
+    from lmc_lightning.data.idx import read_idx
 
     root = next((r for r in ("data/FashionMNIST/raw/", "data/fashion-mnist/", "/usr/share/datasets/fashion-mnist/")
                  if os.path.exists(f"{r}train-images-idx3-ubyte.gz")), "/usr/share/datasets/fashion-mnist/")
