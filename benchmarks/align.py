@@ -99,16 +99,18 @@ def sync(device: torch.device) -> None:
 
 def fmnist(device: torch.device, n_train: int = 20_000) -> dict[str, torch.Tensor]:
     """Real Fashion-MNIST padded to 32x32 (first ``n_train`` training images, 2k test images) on ``device``."""
-    import os
-
+    from lmc_lightning.data import FashionMNISTDataModule
     from lmc_lightning.data.idx import read_idx
+    from lmc_lightning.data.mnist import _idx_file
 
-    root = next((r for r in ("data/FashionMNIST/raw/", "data/fashion-mnist/", "/usr/share/datasets/fashion-mnist/")
-                 if os.path.exists(f"{r}train-images-idx3-ubyte.gz")), "/usr/share/datasets/fashion-mnist/")
+    folder = FashionMNISTDataModule(root="data").find_folder()  # the datamodule's search: data/..., Debian's copy
+    if folder is None:
+        raise SystemExit("Fashion-MNIST not found under data/ or /usr/share/datasets/fashion-mnist: "
+                         "apt-get install dataset-fashion-mnist, or put the four IDX files in data/fashion-mnist.")
 
     def load(prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(read_idx(f"{root}{prefix}-images-idx3-ubyte.gz")[:n]).float().div(255)
-        y = torch.from_numpy(read_idx(f"{root}{prefix}-labels-idx1-ubyte.gz")[:n]).long()
+        x = torch.from_numpy(read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))[:n]).float().div(255)
+        y = torch.from_numpy(read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))[:n]).long()
         x = F.pad((x - 0.2860) / 0.3530, (2, 2, 2, 2)).unsqueeze(1)
         return x.to(device), y.to(device)
 
