@@ -149,7 +149,7 @@ def test_lap_and_scipy_agree(dtype: torch.dtype) -> None:
         scaled = 1e4 * torch.randn(n, n, generator=gen, dtype=dtype) + 1e6  # large offset: float32 rounding
         assert torch.equal(solve_assignment(scaled, "lap"), solve_assignment(scaled, "scipy"))
     cost = torch.randn(40, 40, generator=gen, dtype=dtype)
-    view = cost.T  # non-contiguous, and half precision (no numpy dtype) is solved in float64
+    view = cost.T  # non-contiguous; and bfloat16 (no numpy dtype) is solved in float64
     assert torch.equal(solve_assignment(view, "lap"), solve_assignment(view, "scipy"))
     assert torch.equal(solve_assignment(cost.bfloat16(), "lap"), solve_assignment(cost.bfloat16(), "scipy"))
 
