@@ -359,8 +359,10 @@ def profile_breakdown(args: argparse.Namespace, device: torch.device) -> None:
 
 def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     """Throughput of a zoo of K models in one run against K sequential ``num_models=1`` runs (best of
-    ``--repeats`` fits each); for the nets in ``--zoo-chunk-nets`` also both with ``steps_per_batch`` chunks; with
-    ``--zoo-vmap`` also the zoo of a Linear/ReLU chain through ``vmap``."""
+    ``--repeats`` fits each), in each zoo setting (fp32; with ``--zoo-bf16`` bf16-mixed; with
+    ``--zoo-channels-last`` channels_last for conv nets; sequential runs in the same setting); for the nets in
+    ``--zoo-chunk-nets`` also both with ``steps_per_batch`` chunks; with ``--zoo-vmap`` also the zoo through
+    ``vmap`` (MLP: ``StackedNets.fast_chain = False``; conv nets: ``StackedNets.wide = False``), as before."""
     args = argparse.Namespace(**{**vars(args), "subset": args.zoo_subset or args.subset})
     if "num_models" not in inspect.signature(EndpointModule).parameters:
         print("\n(zoo: EndpointModule has no num_models here; skipped)")
@@ -369,10 +371,14 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     print("\n## Zoo: K models in one Lightning run vs K sequential runs (ms per optimiser step of all K models; "
           f"sequential = K x the single run's step, measured in the same run); chunks: steps_per_batch={chunk} for "
           "both")
-    print("| net | setting | K | zoo ms/step | K sequential ms | speed-up | zoo chunks ms | K sequential chunks ms "
-          "| speed-up (chunks) | zoo through vmap ms | speed-up (vmap) | peak GPU MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    precisions = [("fp32", "32-true")] + ([("bf16-mixed", "bf16-mixed")] if args.zoo_bf16 else [])
+    print("| net | setting | K | zoo path | zoo ms/step | K sequential ms | speed-up | zoo chunks ms "
+          "| K sequential chunks ms | speed-up (chunks) | zoo through vmap ms | speed-up (vmap) | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    zoo_settings = [("fp32", "32-true", False)]
+    if args.zoo_bf16:
+        zoo_settings.append(("bf16-mixed", "bf16-mixed", False))
+    if args.zoo_channels_last:
+        zoo_settings += [(f"{label} + channels_last", precision, True) for label, precision, _ in zoo_settings]
 
     def best(build: Callable[[], pl.LightningModule], precision: str, steps: int = 1) -> float:
         return min(fit_seconds(build, args, device, precision, steps_per_batch=steps)[0]
@@ -381,12 +387,15 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
     for key in args.zoo_nets:
         sizes = args.zoo if key == "mlp" or args.zoo_conv is None else args.zoo_conv
         chunked = key in args.zoo_chunk_nets
-        for label, precision in precisions:
+        switch = "fast_chain" if key == "mlp" else "wide"  # the StackedNets setting that bypasses vmap
+        for label, precision, cl in zoo_settings:
+            if cl and key == "mlp":
+                continue
             if time.perf_counter() > args.deadline:
                 print(f"| {LABELS[key]} | {label} | (skipped: time budget) |")
                 continue
-            single = best(endpoint(key), precision)
-            single_chunks = best(endpoint(key), precision, chunk) if chunked else None
+            single = best(endpoint(key, cl), precision)
+            single_chunks = best(endpoint(key, cl), precision, chunk) if chunked else None
             for k in sizes:
                 if time.perf_counter() > args.deadline:
                     print(f"| {LABELS[key]} | {label} | {k}: skipped (time budget) |")
@@ -395,25 +404,35 @@ def zoo_table(args: argparse.Namespace, device: torch.device) -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    sec = best(endpoint(key, num_models=k), precision)
+                    paths: list[str] = []
+
+                    def build(k: int = k, cl: bool = cl, key: str = key, paths: list = paths) -> pl.LightningModule:
+                        module = endpoint(key, cl, num_models=k)()
+                        paths.append(module.net)
+                        return module
+
+                    sec = best(build, precision)
+                    path = paths[-1].path if k > 1 else "single"
                     mem = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
                     chunks = ["-"] * 3
                     if chunked:
-                        fast = best(endpoint(key, num_models=k), precision, chunk)
+                        fast = best(endpoint(key, cl, num_models=k), precision, chunk)
                         chunks = [f"{fast * 1e3:.2f}", f"{k * single_chunks * 1e3:.2f}",
                                   f"{k * single_chunks / fast:.2f}x"]
                     vmap = ["-"] * 2
-                    if args.zoo_vmap and key == "mlp":
-                        StackedNets.fast_chain = False
+                    if args.zoo_vmap and k > 1:
+                        setattr(StackedNets, switch, False)
                         try:
-                            slow = best(endpoint(key, num_models=k), precision)
+                            slow = best(endpoint(key, cl, num_models=k), precision)
+                            vmap = [f"{slow * 1e3:.2f}", f"{k * single / slow:.2f}x"]
+                        except RuntimeError as err:  # e.g. vmap's BatchNorm under bf16 autocast on CUDA
+                            vmap = [f"fails: {str(err).splitlines()[0][:60]}", "-"]
                         finally:
-                            StackedNets.fast_chain = True
-                        vmap = [f"{slow * 1e3:.2f}", f"{k * single / slow:.2f}x"]
+                            setattr(StackedNets, switch, True)
                 except torch.OutOfMemoryError:
                     print(f"| {LABELS[key]} | {label} | {k} | out of memory |")
                     break
-                print(f"| {LABELS[key]} | {label} | {k} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
+                print(f"| {LABELS[key]} | {label} | {k} | {path} | {sec * 1e3:.2f} | {k * single * 1e3:.2f} | "
                       f"{k * single / sec:.2f}x | " + " | ".join(chunks + vmap) + f" | {mem} |", flush=True)
 
 
@@ -470,9 +489,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zoo-bf16", action="store_true", help="also time zoos under bf16-mixed")
     parser.add_argument("--steps-per-batch", type=int, default=16,
                         help="the datamodule's steps_per_batch of the 'chunks' columns")
+    parser.add_argument("--zoo-channels-last", action="store_true",
+                        help="also time conv zoos (and their single runs) with channels_last")
     parser.add_argument("--zoo-vmap", action="store_true",
-                        help="also time MLP zoos through vmap (StackedNets.fast_chain = False), as before issue 18's "
-                             "second round")
+                        help="also time zoos through vmap (MLP: StackedNets.fast_chain = False, as before issue 18's "
+                             "second round; conv nets: StackedNets.wide = False, as before its third)")
     parser.add_argument("--variants", nargs="*", default=["cli", "lightning", "auto", "before"],
                         choices=["cli", "lightning", "auto", "before"],
                         help="module variants of the fp32 ratio table besides hand and module")

@@ -75,8 +75,9 @@ class EndpointModule(LMCModule):
     in the order (and augmentation stream) that data seed ``data.seed + k`` gives, so it is the run
     ``--model.seed {seed+k} --data.seed {data.seed+k}`` (when the data seed only orders the data: no ``val_split``,
     ``subset_mode="first"``). All members train together: ``self.net`` is a
-    :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights through ``torch.func.vmap``, or
-    broadcast matrix products for Flatten/Linear/ReLU chains such as ``mlp``; BatchNorm statistics per member),
+    :class:`~lmc_lightning.weights.stacked.StackedNets` (stacked weights; convolutional nets of the usual layers run
+    as one wide network with convolutions grouped by member, Flatten/Linear/ReLU chains such as ``mlp`` as broadcast
+    matrix products, anything else through ``torch.func.vmap``; BatchNorm statistics per member),
     the loss is the sum of the members' mean losses and one element-wise optimiser steps them all (exactly as one
     optimiser per member; do not clip gradients by global norm). Logged metrics are the
     mean over members plus each member's under a ``_kk`` suffix (``val/acc_03``). Under DDP every rank holds all
@@ -84,7 +85,8 @@ class EndpointModule(LMCModule):
     holds the stacked weights (``load_net(ckpt, index=k)``); at the end of every training epoch each member is also
     written alone, in the single-model layout that ``load_net`` and every path module read, to
     ``<checkpoint dir>/model_kk/last.ckpt`` (the ``ModelCheckpoint`` folder, else ``<default_root_dir>/zoo``).
-    ``channels_last`` is ignored for zoos. ``num_models=1`` is the plain single-model module.
+    ``channels_last`` lays out the wide network's activations channels-last (a zoo that runs through ``vmap``
+    ignores it). ``num_models=1`` is the plain single-model module.
 
     Args:
         net: Registry name (see ``lmc_lightning.nets.available()``).
@@ -141,9 +143,10 @@ class EndpointModule(LMCModule):
         nets = [build_net(net, num_classes, self.input_shape, net_kwargs, None if seed is None else seed + k)
                 for k in range(num_models)]
         self.net = nets[0] if num_models == 1 else StackedNets(nets)
-        self.channels_last = (channels_last and num_models == 1
-                              and any(isinstance(m, nn.Conv2d) for m in self.net.modules()))
-        if self.channels_last:
+        self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in nets[0].modules())
+        if self.channels_last and num_models > 1:
+            self.net.channels_last = True  # the zoo's wide activations (StackedNets.channels_last)
+        elif self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.train_totals = ClassificationTotals(num_models)
         self.val_totals = ClassificationTotals(num_models)

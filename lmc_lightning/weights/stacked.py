@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lmc_lightning.nets.mlp import MLP
+from lmc_lightning.weights.grouped import from_wide, to_wide, wide_twin
 
 SEP = ":"  # stands for "." in registered names (never part of a Python attribute name)
 
@@ -22,9 +24,15 @@ class StackedNets(nn.Module):
     state-dict name with ``"."`` replaced by ``":"`` (``layers:0:weight``). The forward pass runs all members at once
     with ``vmap(functional_call(...))`` over those tensors; matrix products become batched ones and convolutions
     grouped ones. BatchNorm keeps per-member running statistics (updated in place, per member, in train mode).
-    Networks that are a chain of ``Flatten``, ``Linear`` and ``ReLU`` layers (the registry's ``mlp``, or an
-    ``nn.Sequential`` of them) skip ``vmap``: each layer is one broadcast ``matmul`` plus the bias, the operations
-    ``vmap`` itself runs for them (same results bit for bit, tested), with a fraction of its per-call host work. An
+    Networks built only from convolutions, linear layers, BatchNorm/GroupNorm and per-channel layers (ReLU, pooling,
+    ``Flatten(1)``; residual additions in their ``forward``) run instead as one wide network
+    (:mod:`~lmc_lightning.weights.grouped`): the same grouped convolutions without ``vmap``'s host work, usable under
+    bf16 autocast on CUDA and in ``channels_last``; the first forward pass in each of train and eval mode checks it
+    against the members run alone on two samples each (the weights' dtype, no TF32, outputs within 1e-4) and falls
+    back to ``vmap`` for good if they differ. ``path`` says which one runs. Networks that are a chain of ``Flatten``,
+    ``Linear`` and ``ReLU`` layers (the registry's ``mlp``, or an ``nn.Sequential`` of them) skip ``vmap``: each
+    layer is one broadcast ``matmul`` plus the bias, the operations ``vmap`` itself runs for them (same results bit
+    for bit, tested), with a fraction of its per-call host work. An
     element-wise optimiser (SGD, Adam, AdamW) over the stacked tensors updates each member exactly as its own
     optimiser would; anything that couples parameters (gradient clipping by global norm) couples the members.
 
@@ -34,6 +42,10 @@ class StackedNets(nn.Module):
 
     fast_chain: bool = True
     """Class setting: False runs Linear/ReLU chains through ``vmap`` as well (for comparisons)."""
+    wide: bool = True
+    """Class setting: False runs networks with a wide twin through ``vmap`` as well (for comparisons)."""
+    channels_last: bool = False
+    """Run the wide network's 4-D activations in channels-last layout (instance setting)."""
 
     def __init__(self, nets: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -55,11 +67,32 @@ class StackedNets(nn.Module):
         # The architecture without storage: functional_call supplies every tensor. Not a registered submodule.
         self.__dict__["template"] = copy.deepcopy(nets[0]).to("meta")
         self._chain = linear_chain(self.template)
+        self.__dict__["twin"] = None if self._chain is not None else wide_twin(self.template, self.num_models,
+                                                                                 self._lookup)
+        self._override: dict[str, Tensor] | None = None  # tensors the twin reads instead of ours (its check)
+        self._twin_ok: dict[bool, bool] = {}  # train mode -> the twin matched vmap in that mode
+
+    def _lookup(self, name: str) -> Tensor | None:
+        if self._override is not None and name in self._override:
+            return self._override[name]
+        return getattr(self, name.replace(".", SEP), None)
+
+    @property
+    def path(self) -> str:
+        """How the forward pass runs: ``chain`` (broadcast matmuls), ``wide`` (the wide twin; ``wide?`` before its
+        check in this mode), or ``vmap``."""
+        if self._chain is not None and self.fast_chain:
+            return "chain"
+        if self.twin is None or not self.wide or self._twin_ok.get(self.training) is False:
+            return "vmap"
+        return "wide" if self._twin_ok.get(self.training) else "wide?"
 
     def train(self, mode: bool = True) -> StackedNets:
         """Set train/eval mode of the members."""
         super().train(mode)
         self.template.train(mode)
+        if self.twin is not None:
+            self.twin.train(mode)
         return self
 
     def _tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -75,12 +108,55 @@ class StackedNets(nn.Module):
                              "Pass shared=True to feed one batch to every member.")
         if self._chain is not None and self.fast_chain:
             return self._chain_forward(x, shared)
-        params, buffers = self._tensors()
+        if self.path == "wide?":
+            self._twin_ok[self.training] = self._check_twin(x, shared)
+        if self.path == "wide":
+            return self._wide_forward(x, shared)
+        return self._vmap_forward(*self._tensors(), x, shared)
 
+    def _vmap_forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
         def member(p: dict[str, Tensor], b: dict[str, Tensor], inputs: Tensor) -> Tensor:
             return functional_call(self.template, (p, b), (inputs,))
 
         return vmap(member, in_dims=(0, 0, None if shared else 0), randomness="different")(params, buffers, x)
+
+    def _wide_forward(self, x: Tensor, shared: bool) -> Tensor:
+        x = to_wide(x, self.num_models, shared)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return from_wide(self.twin(x), self.num_models)
+
+    @torch.no_grad()
+    def _check_twin(self, x: Tensor, shared: bool) -> bool:
+        """Whether the wide twin gives the logits of each member run alone (a copy, as :meth:`member` builds it) on
+        two samples per member: in the weights' dtype, autocast and TF32 off, dropout off, running statistics
+        untouched."""
+        params, buffers = self._tensors()
+        dtype = next(iter(params.values())).dtype if params else torch.float32
+        probe = (x[:2] if shared else x[:, :2]).to(dtype if dtype.is_floating_point else torch.float32)
+        dropouts = [m for m in self.twin.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        try:  # in full float32 (no TF32: channels-last and plain convolutions may pick different algorithms)
+            with torch.autocast(x.device.type, enabled=False), _no_tf32():
+                ref = []
+                for k in range(self.num_models):
+                    net = self.member(k)
+                    for m in net.modules():
+                        if isinstance(m, nn.modules.dropout._DropoutNd):
+                            m.eval()
+                    ref.append(net(probe if shared else probe[k]))
+                ref = torch.stack(ref)
+                for m in dropouts:
+                    m.eval()
+                self._override = {n: b.clone() for n, b in buffers.items()}
+                out = self._wide_forward(probe, shared)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # an architecture the wide layout breaks
+            return False
+        finally:
+            self._override = None
+            for m in dropouts:
+                m.train()
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
     def _chain_forward(self, x: Tensor, shared: bool) -> Tensor:
         """The forward pass of a :func:`linear_chain` net without ``vmap`` (member axis first, or broadcast)."""
@@ -116,6 +192,20 @@ class StackedNets(nn.Module):
         """Copy a plain network's state dict into member ``index``."""
         for k in self.keys:
             getattr(self, k.replace(".", SEP))[index].copy_(state[k])
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Convolutions and matrix products in full float32 on CUDA inside the block (TensorFloat-32 off)."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                        benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def linear_chain(net: nn.Module) -> list[tuple[str, Any]] | None:
