@@ -85,9 +85,9 @@ class AssignmentTimer:
         self.seconds = 0.0
         self.inner = wm.solve_assignment
 
-    def __call__(self, cost: torch.Tensor, solver: str = "scipy") -> torch.Tensor:
+    def __call__(self, cost: torch.Tensor, solver: str = "scipy", minimise: bool = False) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.inner(cost, solver)
+        out = self.inner(cost, solver, minimise)
         self.seconds += time.perf_counter() - t0
         return out
 

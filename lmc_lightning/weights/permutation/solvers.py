@@ -50,19 +50,19 @@ def resolve_solver(solver: str) -> str:
     return solver
 
 
-def _scipy(cost: Tensor) -> Tensor:
-    _, col = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
+def _scipy(cost: Tensor, minimise: bool = False) -> Tensor:
+    _, col = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=not minimise)
     return torch.from_numpy(col.astype(np.int64))
 
 
-def _lap(cost: Tensor) -> Tensor:
+def _lap(cost: Tensor, minimise: bool = False) -> Tensor:
     import lap
 
     cost = cost.detach().cpu()
     if cost.dtype not in (torch.float32, torch.float64):  # half, bfloat16 (no numpy dtype), integers
         cost = cost.double()
-    # negation is exact; lapjvh keeps float32 costs as they are (float64 potentials and distances)
-    c = np.ascontiguousarray(-cost.numpy())
+    # lap minimises: negation is exact; lapjvh keeps float32 costs as they are (float64 potentials and distances)
+    c = np.ascontiguousarray(cost.numpy() if minimise else -cost.numpy())
     if hasattr(lap, "lapjvh"):
         _, col = lap.lapjvh(c, return_cost=False)
     else:  # the original lap package, or an lapx without lapjvh: float64 only
@@ -244,16 +244,17 @@ def optimality_gap(cost: Tensor, col: Tensor, price: Tensor) -> Tensor:
     return (value.max(1).values - value.gather(1, col.to(cost.device)[:, None])[:, 0]).sum()
 
 
-def solve_assignment(cost: Tensor, solver: str = "auto") -> Tensor:
+def solve_assignment(cost: Tensor, solver: str = "auto", minimise: bool = False) -> Tensor:
     """Column index that maximises ``sum_i cost[i, col[i]]`` (a permutation), on the CPU as int64.
 
     Args:
         cost: ``[n, n]`` matrix.
         solver: One of ``SOLVERS`` (see the module docstring).
+        minimise: Minimise the sum instead (``lap`` then solves ``cost`` as it is, without a negated host copy).
     """
     solver = resolve_solver(solver)
     if solver == "lap":
-        return _lap(cost)
+        return _lap(cost, minimise)
     if solver == "auction":
-        return auction(cost).col.cpu()
-    return _scipy(cost)
+        return auction(-cost if minimise else cost).col.cpu()
+    return _scipy(cost, minimise)

@@ -61,9 +61,9 @@ class MatchResult:
     bids: int = 0
 
 
-def solve_assignment(cost: Tensor, solver: str = "scipy") -> Tensor:
-    """Column index that maximises ``sum_i cost[i, col[i]]`` (a permutation), CPU int64."""
-    return _solve(cost, solver)
+def solve_assignment(cost: Tensor, solver: str = "scipy", minimise: bool = False) -> Tensor:
+    """Column index that maximises (``minimise``: minimises) ``sum_i cost[i, col[i]]`` (a permutation), CPU int64."""
+    return _solve(cost, solver, minimise)
 
 
 def default_workers(device: torch.device) -> int:
@@ -153,6 +153,22 @@ class _Steps:
         self.stale = set(matcher.entries)  # groups whose cost may differ from the one they were last solved on
         self.solves = 0
         self.lock = threading.Lock()
+        self.buffers: dict[tuple, Tensor] = {}  # page-locked host copies of cost matrices (see host)
+
+    def host(self, cost: Tensor, group: str) -> Tensor:
+        """``group``'s ``cost`` on the CPU; from a GPU through a page-locked buffer kept per thread and group (reused
+        by the thread's next step of that group: the result is valid until then)."""
+        if not cost.is_cuda:
+            return cost.cpu()
+        key = (threading.get_ident(), group, cost.shape, cost.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
+        buffer.copy_(cost, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(cost.device))
+        done.synchronize()
+        return buffer
 
     def neighbours(self, unit: tuple[str, ...]) -> set[str]:
         return set().union(*(self.matcher.neighbours[g] for g in unit)) - set(unit)
@@ -167,20 +183,23 @@ class _Steps:
         if self.warm and len(unit) == 1 and unit[0] not in self.spec.heads:
             return self.warm_step(unit[0])
         costs = {}
+        single = len(unit) == 1 and unit[0] not in self.spec.heads
+        # lap minimises: a single group's cost is negated on the device (exact), so the host gets no second copy
+        sign = -1.0 if single and self.solver == "lap" else 1.0
         for group in unit:
             cost = self.matcher.cost(group, self.perm)
             # the solvers take the matmul's own dtype (scipy converts to float64 itself, lapjvh keeps float32)
-            costs[group] = cost if self.solver == "auction" else cost.to("cpu")
-        if len(unit) == 1 and unit[0] not in self.spec.heads:
-            cols = {unit[0]: solve_assignment(costs[unit[0]], self.solver)}
+            costs[group] = cost if self.solver == "auction" else self.host(cost.neg_() if sign < 0 else cost, group)
+        if single:
+            cols = {unit[0]: solve_assignment(costs[unit[0]], self.solver, minimise=sign < 0)}
         else:
             cols = solve_tied(costs, self.spec.heads, "scipy" if self.solver == "auction" else self.solver)
         old = new = 0.0
         changed = False
         for group, cost in costs.items():
             rows = torch.arange(cost.shape[0])
-            old += cost[rows, self.perm[group].to(cost.device)].sum(dtype=torch.float64).item()
-            new += cost[rows, cols[group].to(cost.device)].sum(dtype=torch.float64).item()
+            old += sign * cost[rows, self.perm[group].to(cost.device)].sum(dtype=torch.float64).item()
+            new += sign * cost[rows, cols[group].to(cost.device)].sum(dtype=torch.float64).item()
             changed |= not torch.equal(cols[group], self.perm[group].cpu())
         return self.update(unit, cols, changed, new > old + 1e-12 * abs(old))
 
