@@ -9,7 +9,7 @@ each member. The architecture's own ``forward`` runs unchanged on the wide tenso
 This is what ``torch.func.vmap`` does for these layers, without its per-call host work, and it runs under
 ``bf16-mixed`` autocast on CUDA (where vmap's BatchNorm rule rejects bfloat16 inputs with float32 statistics) and in
 ``channels_last``. :func:`wide_twin` accepts only architectures whose parameters and buffers all sit in these layers;
-the caller checks the twin against ``vmap`` once before using it (``StackedNets``).
+the caller checks the twin against the members run alone once before using it (``StackedNets``).
 """
 
 from __future__ import annotations
