@@ -4,7 +4,10 @@ For a zoo of ``K`` members of one architecture, activations ``[B, C, ...]`` of e
 ``[B, K * C, ...]`` (member-major). A convolution then is one convolution with ``K`` times the groups, BatchNorm and
 GroupNorm one call over ``K * C`` channels (running statistics updated in place, per member), a linear layer one
 batched matrix product; ReLU, pooling, residual additions and ``Flatten(1)`` act on the wide tensor as they act on
-each member. The architecture's own ``forward`` runs unchanged on the wide tensor: only its layers are swapped.
+each member. The architecture's own ``forward`` runs unchanged on the wide tensor: only its layers are swapped. A
+channel LayerNorm (``channel_norm`` layers, the rethink-re-basin seed's LN) normalises each member's channels apart,
+and any other leaf layer without tensors of its own (an option-A padded shortcut, a reshape) runs once on the
+members folded into the batch, ``[B * K, C, ...]``.
 
 This is what ``torch.func.vmap`` does for these layers, without its per-call host work, and it runs under
 ``bf16-mixed`` autocast on CUDA (where vmap's BatchNorm rule rejects bfloat16 inputs with float32 statistics) and in
@@ -97,29 +100,67 @@ class WideGroupNorm(_Wide):
         return F.group_norm(x, gn.num_groups * self.members, self.flat("weight"), self.flat("bias"), gn.eps)
 
 
+class WideChannelNorm(_Wide):
+    """A channel LayerNorm (``channel_norm = True``: ``LayerNorm(C)`` over the channels at each position) of every
+    member: each member's ``C`` channels normalised apart, then its own affine weight and bias."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ln = self.layer
+        y = x.unflatten(1, (self.members, -1)).movedim(2, -1)  # [B, K, ..., C]
+        y = F.layer_norm(y, y.shape[-1:], eps=ln.eps)
+        weight, bias = self.get("weight"), self.get("bias")  # [K, C]
+        view = (self.members,) + (1,) * (y.dim() - 3) + (y.shape[-1],)
+        if weight is not None:
+            y = y * weight.reshape(view)
+        if bias is not None:
+            y = y + bias.reshape(view)
+        return y.movedim(-1, 2).flatten(1, 2)
+
+
+class WideMemberwise(_Wide):
+    """A leaf layer without tensors that is not channel-wise (e.g. a zero-padded shortcut): run once with the
+    members folded into the batch, ``[B, K * C, ...] -> [B * K, C, ...]`` and back (right for any layer that treats
+    samples independently; the zoo's check against the members alone guards the rest)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        out = self.layer(x.unflatten(1, (self.members, -1)).flatten(0, 1))
+        return out.unflatten(0, (batch, self.members)).flatten(1, 2)
+
+
 WIDE: dict[type, type[_Wide]] = {nn.Conv1d: WideConv, nn.Conv2d: WideConv, nn.Linear: WideLinear,
                                  nn.BatchNorm1d: WideBatchNorm, nn.BatchNorm2d: WideBatchNorm,
                                  nn.GroupNorm: WideGroupNorm}
+
+
+def _wide_kind(module: nn.Module) -> type[_Wide] | None:
+    """The wide layer that replaces ``module``; None for layers that act on the wide tensor as they are (pass-through
+    and containers) and for layers with tensors the wide forward does not know."""
+    if type(module) in WIDE:
+        return WIDE[type(module)]
+    if isinstance(module, nn.LayerNorm) and getattr(module, "channel_norm", False):
+        return WideChannelNorm
+    own = next(iter(module.parameters(recurse=False)), None) is not None or next(
+        iter(module.buffers(recurse=False)), None) is not None
+    passes = isinstance(module, PASS_THROUGH) or (type(module) is nn.Flatten and module.start_dim == 1
+                                                  and module.end_dim == -1)
+    if own or passes or list(module.children()):
+        return None
+    return WideMemberwise
 
 
 def unsupported(net: nn.Module) -> str | None:
     """Why ``net`` has no wide twin (the first offending layer), or None when it has one."""
     for name, module in net.named_modules():
         kind = type(module)
-        if kind in WIDE:
-            if kind in (nn.Conv1d, nn.Conv2d) and module.padding_mode != "zeros":
-                return f"{name}: padding_mode={module.padding_mode!r}"
+        if kind in (nn.Conv1d, nn.Conv2d) and module.padding_mode != "zeros":
+            return f"{name}: padding_mode={module.padding_mode!r}"
+        if _wide_kind(module) is not None:
             continue
         own = [n for n, _ in module.named_parameters(recurse=False)] + [
             n for n, _ in module.named_buffers(recurse=False)]
         if own:
             return f"{name or 'the network'} ({kind.__name__}) holds tensors of its own: {own[:3]}"
-        if not list(module.children()):
-            if kind is nn.Flatten:
-                if module.start_dim != 1 or module.end_dim != -1:
-                    return f"{name}: Flatten({module.start_dim}, {module.end_dim}) (only Flatten(1, -1))"
-            elif not isinstance(module, PASS_THROUGH):
-                return f"{name}: {kind.__name__} is not a layer the wide forward knows"
     return None
 
 
@@ -137,11 +178,12 @@ def wide_twin(template: nn.Module, members: int, tensors: Tensors) -> nn.Module 
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in twin.named_modules():
         for child_name, child in module.named_children():
-            if type(child) in WIDE:
+            wide = _wide_kind(child)
+            if wide is not None:
                 prefix = f"{name}.{child_name}." if name else f"{child_name}."
-                swaps.append((module, child_name, WIDE[type(child)](child, prefix, tensors, members)))
-    if type(twin) in WIDE:  # the architecture is a single layer
-        return WIDE[type(twin)](twin, "", tensors, members)
+                swaps.append((module, child_name, wide(child, prefix, tensors, members)))
+    if _wide_kind(twin) is not None:  # the architecture is a single layer
+        return _wide_kind(twin)(twin, "", tensors, members)
     for parent, child_name, wide in swaps:
         setattr(parent, child_name, wide)
     return twin
