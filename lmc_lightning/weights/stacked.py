@@ -24,8 +24,9 @@ class StackedNets(nn.Module):
     state-dict name with ``"."`` replaced by ``":"`` (``layers:0:weight``). The forward pass runs all members at once
     with ``vmap(functional_call(...))`` over those tensors; matrix products become batched ones and convolutions
     grouped ones. BatchNorm keeps per-member running statistics (updated in place, per member, in train mode).
-    Networks built only from convolutions, linear layers, BatchNorm/GroupNorm and per-channel layers (ReLU, pooling,
-    ``Flatten(1)``; residual additions in their ``forward``) run instead as one wide network
+    Networks built only from convolutions, linear layers, BatchNorm/GroupNorm/channel LayerNorm and layers without
+    tensors (ReLU, pooling, ``Flatten``, padded shortcuts; residual additions in their ``forward``) run instead as
+    one wide network
     (:mod:`~lmc_lightning.weights.grouped`): the same grouped convolutions without ``vmap``'s host work, usable under
     bf16 autocast on CUDA and in ``channels_last``; the first forward pass in each of train and eval mode checks it
     against the members run alone on two samples each (the weights' dtype, no TF32, outputs within 1e-4) and falls
