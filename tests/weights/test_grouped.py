@@ -137,3 +137,23 @@ def test_wide_forward_under_bf16_autocast() -> None:
         out = zoo(x)
     assert zoo.path == "wide"
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+class BatchRoll(nn.Module):
+    """A tensor-free layer that mixes samples: with the members folded into the batch it would mix members too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.roll(1, 0)
+
+
+def test_tensor_free_layer_that_mixes_samples_is_caught() -> None:
+    """Tensor-free leaf layers run with the members in the batch; one that mixes samples fails the check -> vmap."""
+    torch.manual_seed(3)
+    nets = [nn.Sequential(nn.Conv2d(1, 4, 3), BatchRoll(), nn.Flatten(), nn.Linear(4 * 36, 3)) for _ in range(2)]
+    zoo = StackedNets(nets)
+    assert unsupported(nets[0]) is None and zoo.path == "wide?"
+    x = torch.randn(2, 5, 1, 8, 8)
+    out = zoo(x)
+    assert zoo.path == "vmap"
+    for k, net in enumerate(nets):
+        torch.testing.assert_close(out[k], net(x[k]), atol=1e-5, rtol=1e-5)
