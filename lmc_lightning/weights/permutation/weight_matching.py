@@ -153,17 +153,16 @@ class _Steps:
         self.stale = set(matcher.entries)  # groups whose cost may differ from the one they were last solved on
         self.solves = 0
         self.lock = threading.Lock()
-        self.buffers: dict[tuple, Tensor] = {}  # page-locked host copies of cost matrices (see host)
+        self.buffers: dict[str, Tensor] = {}  # group -> page-locked host copy of its cost matrix (see host)
 
     def host(self, cost: Tensor, group: str) -> Tensor:
-        """``group``'s ``cost`` on the CPU; from a GPU through a page-locked buffer kept per thread and group (reused
-        by the thread's next step of that group: the result is valid until then)."""
+        """``group``'s ``cost`` on the CPU; from a GPU through a page-locked buffer kept per group and reused by the
+        group's next step (valid until then: a group's steps never overlap, see :meth:`run_round`)."""
         if not cost.is_cuda:
             return cost.cpu()
-        key = (threading.get_ident(), group, cost.shape, cost.dtype)
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = self.buffers[key] = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
+        buffer = self.buffers.get(group)
+        if buffer is None or buffer.shape != cost.shape or buffer.dtype != cost.dtype:
+            buffer = self.buffers[group] = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
         buffer.copy_(cost, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(cost.device))
@@ -245,7 +244,8 @@ class _Steps:
         return improved
 
     def run_round(self, order: list[tuple[str, ...]], pool: ThreadPoolExecutor | None) -> bool:
-        """Visit ``order``; with a pool, a step starts once the earlier steps of its neighbours are done."""
+        """Visit ``order`` (every unit once); with a pool, a step starts once the earlier steps of its neighbours
+        are done. The round returns when all its steps have."""
         if pool is None:
             return any([self.step(unit) for unit in order])
         deps = []
