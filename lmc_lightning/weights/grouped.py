@@ -182,8 +182,9 @@ def wide_twin(template: nn.Module, members: int, tensors: Tensors) -> nn.Module 
             if wide is not None:
                 prefix = f"{name}.{child_name}." if name else f"{child_name}."
                 swaps.append((module, child_name, wide(child, prefix, tensors, members)))
-    if _wide_kind(twin) is not None:  # the architecture is a single layer
-        return _wide_kind(twin)(twin, "", tensors, members)
+    whole = _wide_kind(twin)
+    if whole is not None:  # the architecture is a single layer
+        return whole(twin, "", tensors, members)
     for parent, child_name, wide in swaps:
         setattr(parent, child_name, wide)
     return twin
